@@ -1,0 +1,174 @@
+"""mbqbench command line: train and compare multi-bit quantization methods under one schedule.
+
+Commands only parse, validate, call the harness and print; every user error is one line on stderr with exit 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from harness.config import RunSpec, Schedule, parse_bits
+from harness.errors import ConfigError, MbqError
+
+DEFAULTS = Schedule()
+
+
+def _parse_ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip() != "")
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def default_out(spec: RunSpec) -> Path:
+    digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:10]
+    return Path("results") / "runs" / f"{spec.dataset}-{spec.model}-{digest}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli() -> None:
+    """mbqbench: train multi-bit quantization methods under one schedule and compare accuracy per bit-width,
+    training cost (device-hours, sample-passes) and storage."""
+
+
+@cli.command()
+@click.option("--methods", default="anyprecision,dedicated", show_default=True,
+              help="Comma-separated method specs NAME[:KEY=VALUE...]; the same method may appear with different "
+                   "options (e.g. anyprecision,anyprecision:width=5). See `list methods`.")
+@click.option("--dataset", default="digits", show_default=True, help="Data set name (see `list datasets`).")
+@click.option("--data-root", default=None, help="Folder holding the data set files (default: per data set).")
+@click.option("--model", default="resnet20", show_default=True, help="Model name (see `list models`).")
+@click.option("--width", type=float, default=1.0, show_default=True, help="Channel width multiplier of the model.")
+@click.option("--bits", default="2,4,8,32", show_default=True, help="Bit-widths to train and evaluate (1..32).")
+@click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True, help="Training epochs.")
+@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Training batch size.")
+@click.option("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size, show_default=True,
+              help="Evaluation batch size.")
+@click.option("--optimizer", default=DEFAULTS.optimizer, show_default=True, help="sgd, adam or adamw.")
+@click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Base learning rate.")
+@click.option("--lr-schedule", default=DEFAULTS.lr_schedule, show_default=True,
+              help="cosine, step, onecycle or constant (per iteration).")
+@click.option("--milestones", default="", help="Epochs where the step schedule multiplies the lr by --gamma.")
+@click.option("--gamma", type=float, default=DEFAULTS.gamma, show_default=True, help="Step schedule factor.")
+@click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True, help="SGD momentum.")
+@click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True, help="Weight decay.")
+@click.option("--warmup-epochs", type=int, default=DEFAULTS.warmup_epochs, show_default=True,
+              help="Linear warm-up epochs.")
+@click.option("--no-augment", is_flag=True, help="Turn off the data set's standard training augmentation.")
+@click.option("--seed", "seeds", default="0", show_default=True,
+              help="Seed, or comma-separated seeds (each method runs once per seed).")
+@click.option("--train-subset", type=int, default=None,
+              help="Train on this many training samples (fixed random subset), e.g. for CPU runs.")
+@click.option("--test-subset", type=int, default=None, help="Evaluate on this many test samples.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--baseline", default=None, help="Method spec whose cost is 1.00x in the relative-cost column.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default results/runs/<dataset>-<model>-<hash of the settings>). Running the same "
+                   "command again resumes a killed run from its last completed epoch.")
+@click.option("--quiet", is_flag=True, help="No progress bars or status lines.")
+def compare(methods, dataset, data_root, model, width, bits, epochs, batch_size, eval_batch_size, optimizer, lr,
+            lr_schedule, milestones, gamma, momentum, weight_decay, warmup_epochs, no_augment, seeds, train_subset,
+            test_subset, device, baseline, out, quiet) -> None:
+    """Train every method under one identical schedule and print a table of top-1 per bit-width, storage and
+    cost. Writes spec.json, env.json, log.csv, summary.csv, table.md/.tex, accuracy.png and checkpoints."""
+    from harness.compare import run_comparison
+
+    schedule = Schedule(
+        epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, optimizer=optimizer, lr=lr,
+        momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule,
+        milestones=_parse_ints(milestones, "--milestones"), gamma=gamma, warmup_epochs=warmup_epochs,
+        augment=not no_augment)
+    method_specs = tuple(m.strip() for m in methods.split(","))
+    if any(not m for m in method_specs):
+        raise ConfigError(f"--methods has an empty entry: {methods!r}")
+    spec = RunSpec(methods=method_specs, dataset=dataset, model=model, width=width, bits=parse_bits(bits),
+                   seeds=_parse_ints(seeds, "--seed"), schedule=schedule, data_root=data_root,
+                   train_subset=train_subset, test_subset=test_subset, device=device, baseline=baseline)
+    out = out if out is not None else default_out(spec)
+    echo = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    echo(f"run folder: {out}")
+    _, markdown = run_comparison(spec, out, show_progress=not quiet, echo=echo)
+    click.echo(markdown)
+
+
+@cli.command("list")
+@click.argument("what", type=click.Choice(["methods", "datasets", "models"]))
+def list_command(what: str) -> None:
+    """List the registered methods (built-in and entry points), data sets or models."""
+    if what == "methods":
+        from harness.registry import get_method, list_methods
+
+        for name in list_methods():
+            cls = get_method(name)
+            doc = (cls.__doc__ or "").strip().splitlines()
+            click.echo(f"{name:16s} {doc[0] if doc else ''}  [{cls.__module__}]")
+    elif what == "datasets":
+        from harness.data import DATASETS, default_data_root
+
+        for name in DATASETS:
+            root = default_data_root(name)
+            click.echo(f"{name:16s} {'default data root: ' + str(root) if root else 'built in'}")
+    else:
+        from harness.models import list_models
+
+        for name in list_models():
+            click.echo(name)
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--baseline", default=None, help="Method spec whose cost is 1.00x in the relative-cost column.")
+@click.option("--allow-mixed", is_flag=True, help="Tabulate records trained under different schedules together.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write the rebuilt tables (default: the run folder when there is one).")
+def report(run_dirs, baseline, allow_mixed, out) -> None:
+    """Rebuild summary.csv, table.md/.tex and accuracy.png from stored records (no training)."""
+    from harness.report import write_reports
+    from harness.store import RunStore, check_writable_dir
+
+    records, order = [], []
+    for run_dir in run_dirs:
+        if not (run_dir / "cells").is_dir():
+            raise MbqError(f"{run_dir} is not a run folder (no cells/ inside)")
+        store = RunStore(run_dir)
+        spec = store.read_spec() or {}
+        order.extend(m for m in spec.get("methods", []) if m not in order)
+        records.extend(store.records())
+    if not records:
+        raise MbqError("no finished records in " + ", ".join(map(str, run_dirs)))
+    target = out if out is not None else (run_dirs[0] if len(run_dirs) == 1 else None)
+    if target is None:
+        raise MbqError("several run folders: pass --out for the combined tables")
+    check_writable_dir(target)
+    click.echo(write_reports(target, records, order, baseline, allow_mixed))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors become one ``error: ...`` line on stderr and exit status 2."""
+    try:
+        result = cli.main(args=argv, prog_name="cli.py", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        return 2
+    except MbqError as exc:
+        click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        return 2
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("interrupted: run the same command again to resume from the last completed epoch", err=True)
+        return 130
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Frozen, validated, JSON-serializable configuration: the shared ``Schedule``, a ``RunSpec``, method configs.
+
+Every value is checked in ``__post_init__`` so that a bad option fails before any file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from harness.errors import ConfigError
+
+MAX_BITS = 32
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
+
+
+def parse_bits(text: str) -> tuple[int, ...]:
+    """Parse ``"2,4,8,32"``: integers 1..32, no duplicates, at least one; sorted ascending."""
+    items = [item.strip() for item in str(text).split(",")]
+    if not text or not str(text).strip() or any(item == "" for item in items):
+        raise ConfigError(f"bits must be a comma-separated list of integers in 1..{MAX_BITS}, got {text!r}")
+    bits: list[int] = []
+    for item in items:
+        try:
+            value = int(item)
+        except ValueError:
+            raise ConfigError(f"bit-width {item!r} is not an integer (bits must be in 1..{MAX_BITS})") from None
+        bits.append(value)
+    return validate_bits(bits)
+
+
+def validate_bits(bits: typing.Iterable[int]) -> tuple[int, ...]:
+    bits = list(bits)
+    if not bits:
+        raise ConfigError("at least one bit-width is needed")
+    for value in bits:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BITS:
+            raise ConfigError(f"bit-width {value!r} is out of range: bits must be integers in 1..{MAX_BITS}")
+    duplicates = sorted({b for b in bits if bits.count(b) > 1})
+    if duplicates:
+        raise ConfigError(f"bit-width {duplicates[0]} is listed twice")
+    return tuple(sorted(bits))
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
+        raise ConfigError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
+
+
+class JsonConfig:
+    """JSON round-trip for frozen dataclasses (tuples become lists in JSON and tuples again on load)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no option {unknown[0]!r}; options: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for name, value in data.items():
+            values[name] = _revive(hints[name], value)
+        return cls(**values)
+
+
+def _revive(hint: Any, value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict) and isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint.from_dict(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Schedule(JsonConfig):
+    """The training schedule every method in a comparison shares."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ConfigError(f"epochs must be a positive integer, got {self.epochs!r}")
+        for name in ("batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        check_positive("lr", self.lr)
+        check_positive("momentum", self.momentum, allow_zero=True)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("gamma", self.gamma)
+        if not isinstance(self.warmup_epochs, int) or not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"warmup_epochs must be in 0..epochs-1, got {self.warmup_epochs!r}")
+        if any(not isinstance(m, int) or not 0 < m < self.epochs for m in self.milestones):
+            raise ConfigError(f"milestones must be epochs in 1..{self.epochs - 1}, got {self.milestones!r}")
+        if self.lr_schedule == "step" and not self.milestones:
+            raise ConfigError("the step lr schedule needs milestones (e.g. --milestones 100,150)")
+
+    def lr_factor(self, epoch: int, index: int, steps_in_epoch: int) -> float:
+        """Multiplier of each parameter group's base lr at step ``index`` of ``epoch`` (both 0-based), per iteration.
+
+        Progress is measured in epochs, so a method that runs fewer steps per epoch (a coreset) follows the same
+        curve over the same epochs.
+        """
+        progress_epochs = epoch + index / max(1, steps_in_epoch)
+        if progress_epochs < self.warmup_epochs:
+            return (epoch * steps_in_epoch + index + 1) / (self.warmup_epochs * steps_in_epoch)
+        if self.lr_schedule == "constant":
+            return 1.0
+        if self.lr_schedule == "step":
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        progress = (progress_epochs - self.warmup_epochs) / (self.epochs - self.warmup_epochs)
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        # one-cycle: linear ramp 0.04 -> 1 over the first 30%, then cosine down to 0
+        peak = 0.3
+        if progress < peak:
+            return 0.04 + 0.96 * progress / peak
+        return 0.5 * (1.0 + math.cos(math.pi * (progress - peak) / (1 - peak)))
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class RunSpec(JsonConfig):
+    """Everything that defines a comparison: data, model, bit-widths, methods, seeds and the shared schedule."""
+
+    methods: tuple[str, ...]
+    dataset: str = "digits"
+    model: str = "resnet20"
+    width: float = 1.0
+    bits: tuple[int, ...] = (2, 4, 8, 32)
+    seeds: tuple[int, ...] = (0,)
+    schedule: Schedule = field(default_factory=Schedule)
+    data_root: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    device: str = "auto"
+    baseline: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ConfigError("at least one method is needed (e.g. --methods anyprecision,dedicated)")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError("a method spec is listed twice; give each ablation different options")
+        object.__setattr__(self, "bits", validate_bits(self.bits))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ConfigError(f"seeds must be distinct non-negative integers, got {self.seeds!r}")
+        check_positive("width", self.width)
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.baseline is not None and self.baseline not in self.methods:
+            raise ConfigError(f"baseline {self.baseline!r} is not one of the compared methods")
+
+
+@dataclass(frozen=True)
+class MethodConfig(JsonConfig):
+    """Base of every method's config; subclasses add fields whose defaults are the paper's.
+
+    ``__post_init__`` checks every ``Literal`` field's value and the basic type of int/float/bool fields;
+    subclasses that add range checks call ``super().__post_init__()`` first.
+    """
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            check_field_type(type(self).__name__, f.name, getattr(self, f.name), hints[f.name])
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]):
+        """Build from ``KEY=VALUE`` strings, converting each value by the field's type hint."""
+        known = {f.name for f in fields(cls)}
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, text in options.items():
+            if key not in known:
+                listed = ", ".join(sorted(known)) or "none"
+                raise ConfigError(f"{cls.__qualname__.split('.')[0]} has no option {key!r}; options: {listed}")
+            values[key] = convert_option(key, text, hints[key])
+        return cls(**values)
+
+
+def check_field_type(owner: str, name: str, value: Any, hint: Any) -> None:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal and value not in args:
+        raise ConfigError(f"{owner}.{name} must be one of {', '.join(map(str, args))}, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{owner}.{name} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{owner}.{name} must be an integer, got {value!r}")
+    if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise ConfigError(f"{owner}.{name} must be a finite number, got {value!r}")
+
+
+def convert_option(key: str, text: str, hint: Any) -> Any:
+    """Convert a command-line string to ``hint`` (int, float, bool, str, Literal, Optional, tuple of int)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() == "none" and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return convert_option(key, text, inner[0])
+    if origin is Literal:
+        if text not in args:
+            raise ConfigError(f"option {key}={text!r} must be one of {', '.join(map(str, args))}")
+        return text
+    if origin is tuple:
+        return tuple(convert_option(key, part, args[0]) for part in text.split("/") if part)
+    try:
+        if hint is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except ValueError:
+        raise ConfigError(f"option {key}={text!r} is not a valid {hint.__name__}") from None
+    return text
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split ``NAME[:KEY=VALUE...]`` into the name and its raw options."""
+    parts = spec.strip().split(":")
+    name = parts[0].strip()
+    if not name:
+        raise ConfigError(f"empty method name in {spec!r}")
+    options: dict[str, str] = {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"method option {part!r} in {spec!r} is not KEY=VALUE")
+        if key.strip() in options:
+            raise ConfigError(f"option {key.strip()!r} is given twice in {spec!r}")
+        options[key.strip()] = value.strip()
+    return name, options

@@ -1,0 +1,78 @@
+"""Cost accounting: wall time per phase synchronized with the device, and analytic storage.
+
+Storage is counted, not measured: each layer that implements ``storage_bits(bits)`` /
+``storage_bits_total(bits_set)`` (see :mod:`methods.quant.modules`) reports its own; any other leaf layer
+counts its parameters and floating-point buffers at 32 bits (BN running statistics included, integer step
+counters excluded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+FLOAT_BITS = 32
+PHASES = ("prepare", "train", "finalize", "eval")
+
+
+def _plain_bits(module: nn.Module) -> int:
+    tensors = list(module.parameters(recurse=False)) + [
+        b for name, b in module.named_buffers(recurse=False)
+        if b.is_floating_point() and name not in module._non_persistent_buffers_set
+    ]
+    return sum(t.numel() * FLOAT_BITS for t in tensors)
+
+
+def _walk(module: nn.Module, count) -> int:
+    own = count(module)
+    if own is not None:
+        return own
+    return _plain_bits(module) + sum(_walk(child, count) for child in module.children())
+
+
+def storage_bits_of(model: nn.Module, bits: int) -> int:
+    """Bits to store ``model`` for deployment at ``bits``."""
+    return _walk(model, lambda m: m.storage_bits(bits) if hasattr(m, "storage_bits") else None)
+
+
+def storage_bits_total_of(model: nn.Module, bits_set: Iterable[int]) -> int:
+    """Bits to store ``model`` so that it serves every bit-width in ``bits_set``."""
+    bits_set = tuple(bits_set)
+    return _walk(model, lambda m: m.storage_bits_total(bits_set) if hasattr(m, "storage_bits_total") else None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Accumulates wall seconds per phase; each measurement waits for the device before reading the clock."""
+
+    def __init__(self, device: torch.device, seconds: dict[str, float] | None = None) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float, seconds or {})
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[name] += time.perf_counter() - start
+
+    def hours(self, num_devices: int = 1) -> dict[str, float]:
+        return {name: self.seconds.get(name, 0.0) * num_devices / 3600.0 for name in PHASES}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"

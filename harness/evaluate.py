@@ -1,0 +1,31 @@
+"""Top-1 / top-5 accuracy per bit-width on the test split (no selection on test data ever happens here)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness.data import ImageSet
+
+
+@torch.no_grad()
+def evaluate_bits(model: nn.Module, method, test_set: ImageSet, bits: tuple[int, ...], batch_size: int,
+                  device: torch.device) -> dict[int, dict[str, float]]:
+    """``{bits: {"top1": %, "top5": %}}``; top-5 is top-k with k = min(5, number of classes)."""
+    model.eval()
+    results: dict[int, dict[str, float]] = {}
+    order = torch.arange(len(test_set))
+    for b in bits:
+        method.set_bits(model, b)
+        correct1 = correct5 = 0
+        for chunk in torch.split(order, batch_size):
+            x = test_set.get_batch(chunk).to(device)
+            y = test_set.labels[chunk].to(device)
+            logits = model(x)
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hits = top.eq(y.unsqueeze(1))
+            correct1 += hits[:, 0].sum().item()
+            correct5 += hits.any(dim=1).sum().item()
+        results[b] = {"top1": 100.0 * correct1 / len(test_set), "top5": 100.0 * correct5 / len(test_set)}
+    return results

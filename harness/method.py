@@ -1,0 +1,127 @@
+"""The plugin contract every multi-bit method implements (see ``../shared/specs/design.md``).
+
+The harness calls, in order: ``build`` -> ``param_groups`` -> ``prepare`` (a timed phase of its own) ->
+per epoch ``epoch_indices`` -> per step ``train_step`` (the method runs forward/backward; the harness zeroes
+the gradients before and steps the optimizers after) -> ``finalize`` (a timed phase) -> ``set_bits`` and
+evaluation per bit-width -> ``storage`` / ``storage_total``. Everything else (data, schedule, seeds, timing,
+records) belongs to the harness, so two methods differ only in their quantization semantics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from harness.config import MethodConfig
+from harness.cost import storage_bits_of, storage_bits_total_of
+
+
+@dataclass
+class Batch:
+    """One training step's data: a common batch, and optionally one batch per bit-width (per-bit sampling)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: torch.Tensor
+    per_bits: dict[int, Batch] | None = None
+
+    def for_bits(self, bits: int) -> Batch:
+        """The batch bit-width ``bits`` trains on (its own if the method samples per bit-width)."""
+        if self.per_bits is None:
+            return self
+        return self.per_bits[bits]
+
+
+@dataclass
+class RunContext:
+    """What the harness tells a method during a run, and where the method reports sample-passes."""
+
+    bits: tuple[int, ...]
+    device: torch.device
+    num_classes: int
+    seed: int
+    epochs: int
+    epoch: int = 0
+    step: int = 0
+    passes: Counter = field(default_factory=Counter)
+    data_info: Any = None
+    schedule: Any = None
+    show_progress: bool = False
+
+    def count_passes(self, bits: int, samples: int) -> None:
+        """Record ``samples`` forward+backward sample-passes at ``bits`` (machine-independent cost)."""
+        self.passes[int(bits)] += int(samples)
+
+
+class Method:
+    """Base class of a multi-bit method. Subclasses set ``Config`` and implement ``build`` and ``train_step``."""
+
+    name: ClassVar[str] = "method"
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, cfg: MethodConfig | None = None) -> None:
+        self.cfg = cfg if cfg is not None else self.Config()
+        if not isinstance(self.cfg, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(self.cfg).__name__}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> Method:
+        return cls(cls.Config.from_options(dict(options)))
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any, width: float) -> nn.Module:
+        """Return the trainable network that serves every bit-width in ``bits``."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        """Optional parameter groups. Each dict has ``params`` and may set ``lr`` (base lr of the group,
+        scaled by the shared lr schedule), ``weight_decay`` and ``optimizer`` ("sgd"/"adam"/"adamw").
+        ``None``: one group with the schedule's settings."""
+        return None
+
+    # -- phases ---------------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, train_set: Any, ctx: RunContext) -> None:
+        """Work before training (timed as the ``prepare`` phase), e.g. a scoring run."""
+
+    def epoch_indices(self, epoch: int, train_set: Any, bits: tuple[int, ...]) -> dict[int, torch.Tensor] | None:
+        """Which training samples each bit-width sees this epoch; ``None``: every sample, shared by all."""
+        return None
+
+    def train_step(self, model: nn.Module, batch: Batch, ctx: RunContext) -> dict[str, float]:
+        """Forward and backward for the bit-widths this method trains on ``batch``; return named losses."""
+        raise NotImplementedError
+
+    def finalize(self, model: nn.Module, train_batches: Iterator[Batch], ctx: RunContext) -> None:
+        """Work after training (timed as the ``finalize`` phase), e.g. BN calibration."""
+
+    # -- deployment -------------------------------------------------------------------------------------------
+    def set_bits(self, model: nn.Module, bits: int) -> None:
+        """Switch ``model`` to ``bits`` for evaluation; stateless and idempotent."""
+        from methods.quant.modules import set_model_bits
+
+        set_model_bits(model, bits)
+
+    def eval_bits(self, bits: tuple[int, ...]) -> tuple[int, ...]:
+        """Bit-widths to evaluate (default: the trained set)."""
+        return bits
+
+    def storage(self, model: nn.Module, bits: int) -> int:
+        """Bytes to store for deployment at ``bits`` (analytic count, see :mod:`harness.cost`)."""
+        return storage_bits_of(model, bits) // 8
+
+    def storage_total(self, model: nn.Module, bits: tuple[int, ...]) -> int:
+        """Bytes to store to serve every bit-width in ``bits`` from one artifact."""
+        return storage_bits_total_of(model, bits) // 8
+
+    # -- resumable state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """State the method keeps outside the model (e.g. scores), saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

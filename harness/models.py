@@ -1,0 +1,195 @@
+"""Full-precision model definitions and a factory by name.
+
+Models are plain PyTorch modules. Methods turn them into quantized networks by swapping layers
+(:func:`methods.quant.modules.swap_modules`); to let them do that without knowing each architecture,
+layers with a special part in quantized networks carry a ``mbq_role`` attribute:
+
+* ``"input"``: the input normalization (data-set mean and std), never quantized;
+* ``"stem"``: the first convolution, full precision in every method here;
+* ``"head"``: the classifier, full precision in every method here;
+* ``"shortcut"`` / ``"shortcut_norm"``: the projection convolution / its batch norm on a downsampling shortcut.
+
+Architectures: ResNet-20 (He et al., CVPR 2016, Sec. 4.2, option B shortcuts), the pre-activation ResNet-20 of
+Any-Precision DNNs (Yu et al., AAAI 2021, code ``resnet20q``), and torchvision's ResNet-18 with a 3x3 stride-1
+stem and no max-pool for small images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torchvision.models.resnet import ResNet
+
+from harness.errors import ConfigError
+
+
+def tag(module: nn.Module, role: str) -> nn.Module:
+    module.mbq_role = role
+    return module
+
+
+def role_of(module: nn.Module) -> str | None:
+    return getattr(module, "mbq_role", None)
+
+
+class InputNorm(nn.Module):
+    """``(x - mean) / std`` per channel; preprocessing, so it counts for no storage."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.mbq_role = "input"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def storage_bits(self, bits: int) -> int:
+        return 0
+
+    def storage_bits_total(self, bits_set) -> int:
+        return 0
+
+
+def conv3x3(in_chans: int, out_chans: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_chans, out_chans, 3, stride, 1, bias=False)
+
+
+def projection(in_chans: int, out_chans: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(
+        tag(nn.Conv2d(in_chans, out_chans, 1, stride, bias=False), "shortcut"),
+        tag(nn.BatchNorm2d(out_chans), "shortcut_norm"),
+    )
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus shortcut, then ReLU; each ReLU its own module so methods can swap each."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()
+        if downsample is None and (stride != 1 or inplanes != planes):
+            downsample = projection(inplanes, planes, stride)
+        elif downsample is not None:
+            tag(downsample[0], "shortcut")
+            tag(downsample[1], "shortcut_norm")
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu2(out + shortcut)
+
+
+class PreActBlock(nn.Module):
+    """BN-act-conv-BN-act-conv plus shortcut; a downsampling shortcut reads the first activation's output."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_chans)
+        self.act1 = nn.ReLU()
+        self.conv1 = conv3x3(in_chans, out_chans, stride)
+        self.bn2 = nn.BatchNorm2d(out_chans)
+        self.act2 = nn.ReLU()
+        self.conv2 = conv3x3(out_chans, out_chans)
+        self.shortcut = projection(in_chans, out_chans, stride) if stride != 1 or in_chans != out_chans else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.act1(self.bn1(x))
+        out = self.conv1(activated)
+        out = self.conv2(self.act2(self.bn2(out)))
+        return out + (x if self.shortcut is None else self.shortcut(activated))
+
+
+def stage_widths(width: float) -> tuple[int, int, int]:
+    base = max(1, int(round(16 * width)))
+    return base, 2 * base, 4 * base
+
+
+class CifarResNet(nn.Module):
+    """Three stages of three blocks (ResNet-20) on small images, global average pool, linear classifier."""
+
+    def __init__(self, num_classes: int, in_chans: int, mean, std, width: float = 1.0, preact: bool = False):
+        super().__init__()
+        widths = stage_widths(width)
+        self.input_norm = InputNorm(mean, std)
+        self.stem = tag(conv3x3(in_chans, widths[0]), "stem")
+        self.stem_post = nn.Identity() if preact else nn.Sequential(nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks: list[nn.Module] = []
+        in_width = widths[0]
+        for stage, out_width in enumerate(widths):
+            for index in range(3):
+                stride = 2 if stage > 0 and index == 0 else 1
+                blocks.append(PreActBlock(in_width, out_width, stride) if preact else
+                              BasicBlock(in_width, out_width, stride))
+                in_width = out_width
+        self.blocks = nn.Sequential(*blocks)
+        # Pre-activation nets end with a BN before pooling; Any-Precision puts no ReLU/quantizer before the FC.
+        self.final_norm = nn.BatchNorm2d(in_width) if preact else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = tag(nn.Linear(in_width, num_classes), "head")
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_post(self.stem(self.input_norm(x)))
+        x = self.pool(self.final_norm(self.blocks(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def init_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class SmallInputResNet18(ResNet):
+    """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool (for 8-64 pixel images)."""
+
+    def __init__(self, num_classes: int, in_chans: int, mean, std, width: float = 1.0) -> None:
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width_per_group=64)
+        if width != 1.0:
+            raise ConfigError("resnet18 supports width 1 only")
+        self.input_norm = InputNorm(mean, std)
+        self.conv1 = tag(nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False), "stem")
+        self.maxpool = nn.Identity()
+        tag(self.fc, "head")
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_norm(x))
+
+
+ModelFactory = Callable[..., nn.Module]
+MODELS: dict[str, ModelFactory] = {
+    "resnet20": lambda **kw: CifarResNet(preact=False, **kw),
+    "preact_resnet20": lambda **kw: CifarResNet(preact=True, **kw),
+    "resnet18": SmallInputResNet18,
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def create_model(name: str, *, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
+                 width: float = 1.0) -> nn.Module:
+    """Build the full-precision model ``name``; unknown names raise :class:`ConfigError`."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    if width <= 0:
+        raise ConfigError(f"model width must be positive, got {width}")
+    return MODELS[name](num_classes=num_classes, in_chans=in_chans, mean=tuple(mean), std=tuple(std), width=width)

@@ -1,0 +1,143 @@
+"""Tables and plots from cell records: summary.csv (one row per method, bits, seed), table.md/.tex, a plot.
+
+The table has one row per method spec: top-1 per bit-width (mean, and +- std over seeds when there are
+several), storage per bit-width and for the whole switchable set, device-hours by phase, sample-passes, and
+the cost relative to a baseline method. Records made under different schedules are not mixed unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.errors import MbqError
+from harness.store import atomic_write_bytes, atomic_write_text
+
+MB = 1e6
+SUMMARY_COLUMNS = (
+    "method", "bits", "top1", "top5", "storage_mb", "storage_total_mb", "device_hours", "sample_passes", "device",
+    "dataset", "model", "epochs", "seed", "hours_prepare", "hours_train", "hours_finalize", "hours_eval",
+    "sample_passes_total", "train_subset",
+)
+
+
+def summary_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for rec in records:
+        for bits, res in rec["results"].items():
+            rows.append({
+                "method": rec["method"], "bits": int(bits), "top1": res["top1"], "top5": res["top5"],
+                "storage_mb": res["storage_bytes"] / MB, "storage_total_mb": rec["storage_total_bytes"] / MB,
+                "device_hours": rec["device_hours"], "sample_passes": res["sample_passes"], "device": rec["device"],
+                "dataset": rec["dataset"], "model": rec["model"], "epochs": rec["epochs"], "seed": rec["seed"],
+                **{f"hours_{p}": h for p, h in rec["device_hours_by_phase"].items()},
+                "sample_passes_total": rec["sample_passes_total"], "train_subset": rec.get("train_subset"),
+            })
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def check_same_schedule(records: Sequence[dict[str, Any]], allow_mixed: bool = False) -> None:
+    keys = {json.dumps([r["schedule"], r["dataset"], r["model"], r.get("train_subset")], sort_keys=True)
+            for r in records}
+    if len(keys) > 1 and not allow_mixed:
+        raise MbqError("these records were trained under different schedules, data sets or models; "
+                       "pass --allow-mixed to tabulate them together")
+
+
+def _fmt(values: pd.Series, digits: int = 2) -> str:
+    if values.isna().all():
+        return "n/a"
+    if len(values) > 1:
+        return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+    return f"{values.mean():.{digits}f}"
+
+
+def comparison_table(records: Sequence[dict[str, Any]], method_order: Sequence[str] | None = None,
+                     baseline: str | None = None) -> pd.DataFrame:
+    """One row per method: formatted strings, ready for markdown/LaTeX."""
+    frame = summary_frame(records)
+    if frame.empty:
+        raise MbqError("no finished records to tabulate")
+    methods = list(method_order) if method_order else list(dict.fromkeys(frame["method"]))
+    methods = [m for m in methods if m in set(frame["method"])]
+    all_bits = sorted(frame["bits"].unique())
+    per_method_hours = frame.groupby("method")["device_hours"].mean()
+    rows = []
+    for method in methods:
+        part = frame[frame["method"] == method]
+        row: dict[str, str] = {"method": method}
+        for b in all_bits:
+            row[f"{b}-bit top-1 %"] = _fmt(part[part["bits"] == b]["top1"])
+        firsts = part.drop_duplicates("seed")
+        row["storage MB per bit"] = " / ".join(
+            f"{part[part['bits'] == b]['storage_mb'].mean():.3f}" if (part["bits"] == b).any() else "-"
+            for b in all_bits)
+        row["total MB"] = f"{firsts['storage_total_mb'].mean():.3f}"
+        row["device-hours"] = _fmt(firsts["device_hours"], 4)
+        row["prepare/train/finalize/eval h"] = " / ".join(
+            f"{firsts[f'hours_{p}'].mean():.4f}" for p in ("prepare", "train", "finalize", "eval"))
+        row["sample-passes (M)"] = f"{firsts['sample_passes_total'].mean() / 1e6:.3f}"
+        if baseline is not None and baseline in per_method_hours:
+            row[f"cost vs {baseline}"] = f"{per_method_hours[method] / per_method_hours[baseline]:.2f}x"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def caption(records: Sequence[dict[str, Any]]) -> str:
+    first = records[0]
+    seeds = sorted({r["seed"] for r in records})
+    subset = f", train subset {first['train_subset']}" if first.get("train_subset") else ""
+    sched = first["schedule"]
+    return (f"{first['dataset']} / {first['model']}{subset}; {sched['epochs']} epochs, {sched['optimizer']} "
+            f"lr {sched['lr']} {sched['lr_schedule']}, batch {sched['batch_size']}; seeds {seeds}; "
+            f"device {first['device']}. Top-1 on the test split; storage counted analytically.")
+
+
+def accuracy_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = summary_frame(records)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, part in frame.groupby("method", sort=False):
+        means = part.groupby("bits")["top1"].mean()
+        ax.plot([str(b) for b in means.index], means.values, marker="o", label=method)
+    ax.set_xlabel("bit-width")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{records[0]['dataset']} / {records[0]['model']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_reports(root: Path, records: Sequence[dict[str, Any]], method_order: Sequence[str] | None = None,
+                  baseline: str | None = None, allow_mixed: bool = False) -> str:
+    """Write summary.csv, table.md, table.tex and accuracy.png under ``root``; return the markdown table."""
+    check_same_schedule(records, allow_mixed)
+    root = Path(root)
+    frame = summary_frame(records)
+    atomic_write_text(root / "summary.csv", frame.to_csv(index=False))
+    table = comparison_table(records, method_order, baseline)
+    markdown = to_markdown(table) + "\n" + caption(records) + "\n"
+    atomic_write_text(root / "table.md", markdown)
+    atomic_write_text(root / "table.tex", table.to_latex(index=False, escape=True))
+    atomic_write_bytes(root / "accuracy.png", accuracy_plot_png(records))
+    return markdown

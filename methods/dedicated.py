@@ -1,0 +1,97 @@
+"""Dedicated models: the reference row of both papers -- one independent network per bit-width.
+
+Each bit-width gets its own copy of the network, quantized with the same DoReFa quantizers as Any-Precision
+(:mod:`methods.quant.dorefa`) and trained with cross-entropy under the same schedule. All copies start from the
+same full-precision initialization and see the same batches; their parameters are disjoint, so training them in
+one loop with one optimizer is the same as training them one after the other, and the measured cost is the sum
+over bit-widths. Storage at b bits is that network's; the switchable "set" is all networks together.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch.nn.functional as F
+from torch import nn
+
+from harness.config import MethodConfig, check_positive
+from harness.cost import storage_bits_of
+from harness.errors import ConfigError
+from harness.method import Batch, Method, RunContext
+from harness.registry import register_method
+from methods.anyprecision import create_fp_model, dorefa_quantize
+from methods.quant.dorefa import FULL_PRECISION
+
+
+@dataclass(frozen=True)
+class DedicatedConfig(MethodConfig):
+    width: float | None = None
+    quantizer: Literal["dorefa"] = "dorefa"
+    fp_shortcut: bool = True
+    full_precision_act: Literal["relu", "clamp"] = "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.width is not None:
+            check_positive("dedicated width", self.width)
+
+
+class DedicatedNetworks(nn.Module):
+    """Independent networks keyed by bit-width; ``active`` selects the one ``forward`` runs."""
+
+    def __init__(self, networks: dict[int, nn.Module]) -> None:
+        super().__init__()
+        self.networks = nn.ModuleDict({str(b): net for b, net in sorted(networks.items())})
+        self.bits_set = tuple(sorted(networks))
+        self.active = self.bits_set[-1]
+
+    def select(self, bits: int) -> None:
+        if bits not in self.bits_set:
+            raise ConfigError(f"no dedicated network for {bits} bits; trained bit-widths: {self.bits_set}")
+        self.active = bits
+
+    def network(self, bits: int) -> nn.Module:
+        return self.networks[str(bits)]
+
+    def forward(self, x):
+        return self.networks[str(self.active)](x)
+
+
+@register_method("dedicated")
+class Dedicated(Method):
+    """One DoReFa network per bit-width, trained independently with cross-entropy."""
+
+    Config = DedicatedConfig
+    cfg: DedicatedConfig
+
+    def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any, width: float):
+        initial = create_fp_model(model_name, num_classes, data_info, self.cfg.width or width)
+        # Same initial weights for every bit-width; only the fixed precision differs.
+        networks = {
+            b: dorefa_quantize(copy.deepcopy(initial), (b,), fp_shortcut=self.cfg.fp_shortcut,
+                               full_precision_act=self.cfg.full_precision_act, total_weight_bits=FULL_PRECISION)
+            for b in bits
+        }
+        return DedicatedNetworks(networks)
+
+    def set_bits(self, model: nn.Module, bits: int) -> None:
+        model.select(bits)
+
+    def train_step(self, model: nn.Module, batch: Batch, ctx: RunContext) -> dict[str, float]:
+        losses = {}
+        for bits in sorted(ctx.bits, reverse=True):
+            data = batch.for_bits(bits)
+            model.select(bits)
+            loss = F.cross_entropy(model(data.x), data.y)
+            loss.backward()
+            ctx.count_passes(bits, len(data.y))
+            losses[f"loss_{bits}"] = loss.item()
+        return losses
+
+    def storage(self, model: nn.Module, bits: int) -> int:
+        return storage_bits_of(model.network(bits), bits) // 8
+
+    def storage_total(self, model: nn.Module, bits: tuple[int, ...]) -> int:
+        return sum(self.storage(model, b) for b in bits)

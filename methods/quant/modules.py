@@ -1,0 +1,178 @@
+"""Bit-switchable layers: quantized convolution, quantized activation and switchable batch normalization.
+
+Every layer here implements the small protocol the harness relies on:
+
+* ``set_bits(bits)``: select the precision of the next forward passes (stateless apart from that choice);
+* ``storage_bits(bits)``: bits that must be stored to deploy this layer at ``bits``;
+* ``storage_bits_total(bits_set)``: bits that must be stored to serve every bit-width of ``bits_set``.
+
+Switchable BN follows Yu et al., "Any-Precision Deep Neural Networks" (AAAI 2021), Sec. 3.2: one BatchNorm
+(affine and running statistics) per bit-width, everything else shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import ConfigError
+
+WeightQuantizer = Callable[[torch.Tensor, int], torch.Tensor]
+ActQuantizer = Callable[[torch.Tensor, int], torch.Tensor]
+FLOAT_BITS = 32
+
+
+class BitSwitchable:
+    """Marker base for layers whose behaviour depends on the active bit-width."""
+
+    bits: int
+
+    def set_bits(self, bits: int) -> None:
+        self.bits = int(bits)
+
+
+class QuantConv2d(BitSwitchable, nn.Conv2d):
+    """A ``Conv2d`` whose weight goes through ``weight_quantizer(weight, bits)`` on every forward pass.
+
+    ``scales_per_layer`` is the number of 32-bit scale factors deployment stores beside the integer codes
+    (1 for DoReFa's ``E``). ``total_weight_bits`` is how many bits per weight the switchable set stores
+    (32: the latent full-precision weights, because not every quantizer's grids nest).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = False,
+        *,
+        weight_quantizer: WeightQuantizer,
+        bits: int = FLOAT_BITS,
+        scales_per_layer: int = 1,
+        total_weight_bits: int = FLOAT_BITS,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.weight_quantizer = weight_quantizer
+        self.bits = bits
+        self.scales_per_layer = scales_per_layer
+        self.total_weight_bits = total_weight_bits
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> QuantConv2d:
+        """A quantized copy of ``conv`` with the same shape and the same initial weights."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, **kwargs,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _bias_bits(self) -> int:
+        return 0 if self.bias is None else self.bias.numel() * FLOAT_BITS
+
+    def storage_bits(self, bits: int) -> int:
+        return self.weight.numel() * min(bits, FLOAT_BITS) + self.scales_per_layer * FLOAT_BITS + self._bias_bits()
+
+    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
+        return self.storage_bits(self.total_weight_bits)
+
+
+class QuantAct(BitSwitchable, nn.Module):
+    """An activation that applies ``act_quantizer(x, bits)``; it stores nothing."""
+
+    def __init__(self, act_quantizer: ActQuantizer, bits: int = FLOAT_BITS) -> None:
+        super().__init__()
+        self.act_quantizer = act_quantizer
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_quantizer(x, self.bits)
+
+    def storage_bits(self, bits: int) -> int:
+        return 0
+
+    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
+        return 0
+
+
+def batchnorm_storage_bits(norm: nn.modules.batchnorm._BatchNorm) -> int:
+    """gamma, beta, running mean and running variance, 32 bits each (the step counter is not deployed)."""
+    tensors = [norm.weight, norm.bias, norm.running_mean, norm.running_var]
+    return sum(t.numel() * FLOAT_BITS for t in tensors if t is not None)
+
+
+class SwitchableBatchNorm2d(BitSwitchable, nn.Module):
+    """One ``BatchNorm2d`` per bit-width; ``set_bits`` picks which one normalizes."""
+
+    def __init__(self, num_features: int, bits_set: Iterable[int], eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__()
+        self.bits_set = tuple(sorted(set(int(b) for b in bits_set)))
+        self.norms = nn.ModuleDict({str(b): nn.BatchNorm2d(num_features, eps, momentum) for b in self.bits_set})
+        self.bits = self.bits_set[-1]
+
+    @classmethod
+    def from_norm(cls, norm: nn.BatchNorm2d, bits_set: Iterable[int]) -> SwitchableBatchNorm2d:
+        return cls(norm.num_features, bits_set, norm.eps, norm.momentum)
+
+    def set_bits(self, bits: int) -> None:
+        if int(bits) not in self.bits_set:
+            raise ConfigError(f"this model has no batch norm for {bits} bits; it was built for bits {self.bits_set}")
+        self.bits = int(bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norms[str(self.bits)](x)
+
+    def storage_bits(self, bits: int) -> int:
+        return batchnorm_storage_bits(self.norms[str(bits)])
+
+    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
+        return sum(self.storage_bits(b) for b in bits_set)
+
+
+def set_model_bits(model: nn.Module, bits: int) -> None:
+    """Switch every bit-switchable layer of ``model`` to ``bits``."""
+    for module in model.modules():
+        if isinstance(module, BitSwitchable):
+            module.set_bits(bits)
+
+
+ModuleSwap = Callable[[nn.Module], nn.Module | None]
+
+
+def swap_modules(model: nn.Module, swap: ModuleSwap) -> nn.Module:
+    """Replace, depth first, every submodule for which ``swap`` returns a module; ``None`` keeps and recurses.
+
+    A module object used at several places (e.g. one ReLU called twice) is replaced by one shared object too.
+    """
+    replaced: dict[int, nn.Module] = {}
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if id(child) in replaced:
+                setattr(parent, name, replaced[id(child)])
+                continue
+            new = swap(child)
+            if new is None:
+                visit(child)
+            else:
+                replaced[id(child)] = new
+                setattr(parent, name, new)
+
+    visit(model)
+    return model
