@@ -6,7 +6,6 @@ Commands only parse, validate, call the harness and print; every user error is o
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.data import check_dataset, load_dataset
-from harness.errors import MbqError
+from harness.errors import ConfigError, MbqError
+from harness.models import MODELS, list_models
 from harness.report import write_reports
 from harness.store import RunStore, check_writable_dir, environment
 from harness.train import LOG_COLUMNS, instantiate, resolve_device, run_cell
@@ -20,6 +21,8 @@ def validate(spec, out: Path) -> None:
     """Every check that can fail before any output is written."""
     for method_spec in spec.methods:
         instantiate(method_spec)
+    if spec.model not in MODELS:
+        raise ConfigError(f"unknown model {spec.model!r}; known models: {', '.join(list_models())}")
     resolve_device(spec.device)
     check_dataset(spec.dataset, spec.data_root)
     check_writable_dir(out)

@@ -233,7 +233,12 @@ def check_field_type(owner: str, name: str, value: Any, hint: Any) -> None:
 
 
 def convert_option(key: str, text: str, hint: Any) -> Any:
-    """Convert a command-line string to ``hint`` (int, float, bool, str, Literal, Optional, tuple of int)."""
+    """Convert a command-line string to ``hint`` (int, float, bool, str, Literal, Optional, tuple of int).
+
+    Values that are not strings pass through unchanged; the config's ``__post_init__`` checks them.
+    """
+    if not isinstance(text, str):
+        return text
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):

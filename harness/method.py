@@ -74,7 +74,8 @@ class Method:
         return cls(cls.Config.from_options(dict(options)))
 
     # -- building ---------------------------------------------------------------------------------------------
-    def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any, width: float) -> nn.Module:
+    def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any,
+              width: float) -> nn.Module:
         """Return the trainable network that serves every bit-width in ``bits``."""
         raise NotImplementedError
 

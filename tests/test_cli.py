@@ -1,0 +1,107 @@
+"""The command line: bad input is one ``error:`` line, exit 2, no traceback and no output folder."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+
+import pytest
+
+import cli
+
+TINY = ["--dataset", "synthetic", "--epochs", "1", "--train-subset", "64", "--test-subset", "32", "--width", "0.25",
+        "--bits", "2,32", "--quiet"]
+
+
+def run_cli(capsys, args):
+    code = cli.run(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_bad_fashion_mnist(root):
+    root.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        with gzip.open(root / name, "wb") as handle:
+            handle.write(struct.pack(">IIII", 0xDEAD, 1, 28, 28) + bytes(784))
+
+
+@pytest.mark.parametrize("args", [
+    ["--methods", "nosuchmethod"],
+    ["--methods", "anyprecision,"],
+    ["--methods", "anyprecision:nosuchoption=1"],
+    ["--methods", "anyprecision:width=abc"],
+    ["--methods", "anyprecision,anyprecision"],
+    ["--dataset", "nosuchdata"],
+    ["--model", "nosuchmodel"],
+    ["--bits", "0"], ["--bits", "33"], ["--bits", "abc"], ["--bits", ""], ["--bits", "2,2"],
+    ["--epochs", "0"], ["--epochs", "abc"], ["--lr=-0.1"], ["--lr", "nan"],
+    ["--seed", "x"], ["--baseline", "dedicated"],
+    ["--dataset", "fashion-mnist", "--data-root", "{tmp}/missing"],
+    ["--dataset", "cifar10", "--data-root", "{tmp}/missing"],
+    ["--dataset", "fashion-mnist", "--data-root", "{tmp}/corrupt"],
+    ["--nosuchflag"],
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, args):
+    write_bad_fashion_mnist(tmp_path / "corrupt")
+    out_dir = tmp_path / "out"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, out, err = run_cli(capsys, ["compare", "--methods", "anyprecision", *TINY, "--out", str(out_dir), *args])
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and out == ""
+    assert not out_dir.exists()
+
+
+def test_unwritable_out_is_one_line_error(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, ["compare", "--methods", "anyprecision", *TINY, "--out", str(blocker / "sub")])
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "not a directory" in err
+
+
+def test_folder_of_another_comparison_is_refused(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    assert run_cli(capsys, ["compare", "--methods", "anyprecision", *TINY, "--out", str(out_dir)])[0] == 0
+    code, _, err = run_cli(capsys, ["compare", "--methods", "dedicated", *TINY, "--out", str(out_dir)])
+    assert code == 2 and "different comparison" in err
+
+
+def test_compare_writes_every_file_and_report_rebuilds_the_table(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    code, out, _ = run_cli(capsys, ["compare", "--methods", "anyprecision,dedicated", *TINY, "--out", str(out_dir)])
+    assert code == 0
+    for name in ("spec.json", "env.json", "log.csv", "summary.csv", "table.md", "table.tex", "accuracy.png"):
+        assert (out_dir / name).is_file(), name
+    assert out.startswith("| method |") and "| anyprecision |" in out and "| dedicated |" in out
+    header = (out_dir / "summary.csv").read_text().splitlines()[0].split(",")
+    required = "method,bits,top1,top5,storage_mb,storage_total_mb,device_hours,sample_passes,device,dataset,model," \
+               "epochs,seed".split(",")
+    assert set(required) <= set(header)
+    assert not list(out_dir.rglob("*.tmp"))
+    table = (out_dir / "table.md").read_text()
+    (out_dir / "table.md").unlink()
+    code, out, _ = run_cli(capsys, ["report", str(out_dir)])
+    assert code == 0 and (out_dir / "table.md").read_text() == table and out.strip() == table.strip()
+
+
+@pytest.mark.parametrize("what,expected", [("methods", "anyprecision"), ("datasets", "fashion-mnist"),
+                                           ("models", "preact_resnet20")])
+def test_list(capsys, what, expected):
+    code, out, _ = run_cli(capsys, ["list", what])
+    assert code == 0 and expected in out
+
+
+@pytest.mark.parametrize("command", [[], ["compare"], ["list"], ["report"]])
+def test_help_explains_every_command(capsys, command):
+    code, out, _ = run_cli(capsys, [*command, "--help"])
+    assert code == 0 and "Usage:" in out
+    if command == ["compare"]:
+        for option in ("--methods", "--bits", "--epochs", "--seed", "--out", "--train-subset", "--device"):
+            assert option in out
+
+
+def test_report_of_a_folder_without_records_is_an_error(capsys, tmp_path):
+    code, _, err = run_cli(capsys, ["report", str(tmp_path)])
+    assert code == 2 and err.startswith("error: ")
