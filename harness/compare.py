@@ -20,7 +20,7 @@ SUBSET_SEED = 0  # the same training subset for every seed: seeds vary initializ
 def validate(spec, out: Path) -> None:
     """Every check that can fail before any output is written."""
     for method_spec in spec.methods:
-        instantiate(method_spec)
+        instantiate(method_spec).check_bits(spec.bits)
     if spec.model not in MODELS:
         raise ConfigError(f"unknown model {spec.model!r}; known models: {', '.join(list_models())}")
     resolve_device(spec.device)

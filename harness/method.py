@@ -73,6 +73,10 @@ class Method:
     def from_options(cls, options: Mapping[str, str]) -> Method:
         return cls(cls.Config.from_options(dict(options)))
 
+    def check_bits(self, bits: tuple[int, ...]) -> None:
+        """Raise :class:`harness.errors.ConfigError` if this method cannot serve the bit-width set ``bits``
+        (checked before any output is written)."""
+
     # -- building ---------------------------------------------------------------------------------------------
     def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any,
               width: float) -> nn.Module:

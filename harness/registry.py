@@ -12,6 +12,7 @@ lazy (on the first lookup) and a name registered twice by different classes is a
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from harness.method import Method
 
 ENTRY_POINT_GROUP = "mbqbench.methods"
-BUILTIN_MODULES = ("methods.anyprecision", "methods.dedicated")
+BUILTIN_PACKAGE = "methods"
 
 _REGISTRY: dict[str, type[Method]] = {}
 _discovered = False
@@ -62,8 +63,10 @@ def discover(force: bool = False) -> None:
     _discovered = True
     from harness.method import Method
 
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    package = importlib.import_module(BUILTIN_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.ispkg:  # sub-packages (methods.quant) hold building blocks, not methods
+            importlib.import_module(f"{BUILTIN_PACKAGE}.{info.name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             cls = ep.load()

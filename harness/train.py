@@ -80,6 +80,7 @@ def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store
     """
     schedule = spec.schedule
     method = instantiate(method_spec)
+    method.check_bits(spec.bits)
     device = resolve_device(spec.device)
     torch.manual_seed(seed)
     model = method.build(spec.model, data.info.num_classes, spec.bits, data.info, spec.width).to(device)
