@@ -44,6 +44,9 @@ def cli() -> None:
 @click.option("--model", default="resnet20", show_default=True, help="Model name (see `list models`).")
 @click.option("--width", type=float, default=1.0, show_default=True, help="Channel width multiplier of the model.")
 @click.option("--bits", default="2,4,8,32", show_default=True, help="Bit-widths to train and evaluate (1..32).")
+@click.option("--eval-bits", default=None,
+              help="Bit-widths to evaluate after training (default: --bits); untrained ones only for methods that "
+                   "support them (e.g. EMQ after BN adaptation).")
 @click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True, help="Training epochs.")
 @click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Training batch size.")
 @click.option("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size, show_default=True,
@@ -70,9 +73,9 @@ def cli() -> None:
               help="Run folder (default results/runs/<dataset>-<model>-<hash of the settings>). Running the same "
                    "command again resumes a killed run from its last completed epoch.")
 @click.option("--quiet", is_flag=True, help="No progress bars or status lines.")
-def compare(methods, dataset, data_root, model, width, bits, epochs, batch_size, eval_batch_size, optimizer, lr,
-            lr_schedule, milestones, gamma, momentum, weight_decay, warmup_epochs, no_augment, seeds, train_subset,
-            test_subset, device, baseline, out, quiet) -> None:
+def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, batch_size, eval_batch_size,
+            optimizer, lr, lr_schedule, milestones, gamma, momentum, weight_decay, warmup_epochs, no_augment, seeds,
+            train_subset, test_subset, device, baseline, out, quiet) -> None:
     """Train every method under one identical schedule and print a table of top-1 per bit-width, storage and
     cost. Writes spec.json, env.json, log.csv, summary.csv, table.md/.tex, accuracy.png and checkpoints."""
     from harness.compare import run_comparison
@@ -86,6 +89,7 @@ def compare(methods, dataset, data_root, model, width, bits, epochs, batch_size,
     if any(not m for m in method_specs):
         raise ConfigError(f"--methods has an empty entry: {methods!r}")
     spec = RunSpec(methods=method_specs, dataset=dataset, model=model, width=width, bits=parse_bits(bits),
+                   eval_bits=parse_bits(eval_bits) if eval_bits is not None else None,
                    seeds=_parse_ints(seeds, "--seed"), schedule=schedule, data_root=data_root,
                    train_subset=train_subset, test_subset=test_subset, device=device, baseline=baseline)
     out = out if out is not None else default_out(spec)

@@ -19,10 +19,13 @@ SUBSET_SEED = 0  # the same training subset for every seed: seeds vary initializ
 
 def validate(spec, out: Path) -> None:
     """Every check that can fail before any output is written."""
-    for method_spec in spec.methods:
-        instantiate(method_spec).check_bits(spec.bits)
     if spec.model not in MODELS:
         raise ConfigError(f"unknown model {spec.model!r}; known models: {', '.join(list_models())}")
+    for method_spec in spec.methods:
+        method = instantiate(method_spec)
+        method.check_model(spec.model)
+        method.check_bits(spec.bits)
+        method.check_eval_bits(spec.bits, spec.evaluated_bits)
     resolve_device(spec.device)
     check_dataset(spec.dataset, spec.data_root)
     check_writable_dir(out)

@@ -159,6 +159,7 @@ class RunSpec(JsonConfig):
     model: str = "resnet20"
     width: float = 1.0
     bits: tuple[int, ...] = (2, 4, 8, 32)
+    eval_bits: tuple[int, ...] | None = None
     seeds: tuple[int, ...] = (0,)
     schedule: Schedule = field(default_factory=Schedule)
     data_root: str | None = None
@@ -167,12 +168,19 @@ class RunSpec(JsonConfig):
     device: str = "auto"
     baseline: str | None = None
 
+    @property
+    def evaluated_bits(self) -> tuple[int, ...]:
+        """The bit-widths evaluated after training (``eval_bits``, default the trained ``bits``)."""
+        return self.eval_bits if self.eval_bits is not None else self.bits
+
     def __post_init__(self) -> None:
         if not self.methods:
             raise ConfigError("at least one method is needed (e.g. --methods anyprecision,dedicated)")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("a method spec is listed twice; give each ablation different options")
         object.__setattr__(self, "bits", validate_bits(self.bits))
+        if self.eval_bits is not None:
+            object.__setattr__(self, "eval_bits", validate_bits(self.eval_bits))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
                 isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ConfigError(f"seeds must be distinct non-negative integers, got {self.seeds!r}")

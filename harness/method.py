@@ -19,6 +19,7 @@ from torch import nn
 
 from harness.config import MethodConfig
 from harness.cost import storage_bits_of, storage_bits_total_of
+from harness.errors import ConfigError
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Method:
 
     name: ClassVar[str] = "method"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: model names this method can build (``None``: any model of :mod:`harness.models`)
+    supported_models: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, cfg: MethodConfig | None = None) -> None:
         self.cfg = cfg if cfg is not None else self.Config()
@@ -73,9 +76,23 @@ class Method:
     def from_options(cls, options: Mapping[str, str]) -> Method:
         return cls(cls.Config.from_options(dict(options)))
 
+    def check_model(self, model_name: str) -> None:
+        """Raise :class:`ConfigError` if this method cannot build ``model_name``."""
+        if self.supported_models is not None and model_name not in self.supported_models:
+            raise ConfigError(f"{self.name} does not support model {model_name!r}; it supports: "
+                              f"{', '.join(self.supported_models)}")
+
     def check_bits(self, bits: tuple[int, ...]) -> None:
         """Raise :class:`harness.errors.ConfigError` if this method cannot serve the bit-width set ``bits``
         (checked before any output is written)."""
+
+    def check_eval_bits(self, bits: tuple[int, ...], eval_bits: tuple[int, ...]) -> None:
+        """Raise :class:`ConfigError` if the model trained for ``bits`` cannot be evaluated at ``eval_bits``.
+        Default: only trained bit-widths (methods that calibrate in ``finalize`` may allow more)."""
+        untrained = sorted(set(eval_bits) - set(bits))
+        if untrained:
+            raise ConfigError(f"{self.name} cannot evaluate bit-widths it did not train: {untrained} "
+                              f"(trained: {list(bits)})")
 
     # -- building ---------------------------------------------------------------------------------------------
     def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any,
@@ -110,10 +127,6 @@ class Method:
         from methods.quant.modules import set_model_bits
 
         set_model_bits(model, bits)
-
-    def eval_bits(self, bits: tuple[int, ...]) -> tuple[int, ...]:
-        """Bit-widths to evaluate (default: the trained set)."""
-        return bits
 
     def storage(self, model: nn.Module, bits: int) -> int:
         """Bytes to store for deployment at ``bits`` (analytic count, see :mod:`harness.cost`)."""

@@ -173,12 +173,42 @@ class SmallInputResNet18(ResNet):
         return super().forward(self.input_norm(x))
 
 
+def vit_patch_size(image_size: int) -> int:
+    """16 at ImageNet size; for small images the smallest patch that gives at most 8 x 8 tokens."""
+    if image_size >= 224:
+        return 16
+    return min(p for p in range(1, image_size + 1) if image_size % p == 0 and image_size // p <= 8)
+
+
+class DeiTTiny(nn.Module):
+    """DeiT-Tiny (Touvron et al., ICML 2021: embed 192, depth 12, 3 heads) built locally with timm, no
+    pretrained weights; the patch size follows the image size (:func:`vit_patch_size`); ``width`` scales the
+    embedding dimension (kept divisible by the 3 heads)."""
+
+    def __init__(self, num_classes: int, in_chans: int, mean, std, width: float = 1.0, image_size: int = 32):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        embed_dim = 3 * max(1, int(round(64 * width)))
+        self.input_norm = InputNorm(mean, std)
+        self.vit = VisionTransformer(img_size=image_size, patch_size=vit_patch_size(image_size), in_chans=in_chans,
+                                     num_classes=num_classes, embed_dim=embed_dim, depth=12, num_heads=3)
+        tag(self.vit.patch_embed.proj, "stem")
+        tag(self.vit.head, "head")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(self.input_norm(x))
+
+
 ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {
     "resnet20": lambda **kw: CifarResNet(preact=False, **kw),
     "preact_resnet20": lambda **kw: CifarResNet(preact=True, **kw),
     "resnet18": SmallInputResNet18,
+    "deit_tiny": DeiTTiny,
 }
+NEEDS_IMAGE_SIZE = ("deit_tiny",)
+CONVOLUTIONAL_MODELS = ("resnet20", "preact_resnet20", "resnet18")
 
 
 def list_models() -> list[str]:
@@ -186,10 +216,19 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, *, num_classes: int, in_chans: int, mean: Sequence[float], std: Sequence[float],
-                 width: float = 1.0) -> nn.Module:
-    """Build the full-precision model ``name``; unknown names raise :class:`ConfigError`."""
+                 width: float = 1.0, image_size: int | None = None) -> nn.Module:
+    """Build the full-precision model ``name``; unknown names raise :class:`ConfigError`.
+
+    ``image_size`` is needed by models whose shape depends on it (the ViT); convolutional models ignore it.
+    """
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     if width <= 0:
         raise ConfigError(f"model width must be positive, got {width}")
-    return MODELS[name](num_classes=num_classes, in_chans=in_chans, mean=tuple(mean), std=tuple(std), width=width)
+    extra = {}
+    if name in NEEDS_IMAGE_SIZE:
+        if image_size is None:
+            raise ConfigError(f"model {name!r} needs the image size of the data set")
+        extra["image_size"] = image_size
+    return MODELS[name](num_classes=num_classes, in_chans=in_chans, mean=tuple(mean), std=tuple(std), width=width,
+                        **extra)

@@ -80,7 +80,9 @@ def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store
     """
     schedule = spec.schedule
     method = instantiate(method_spec)
+    method.check_model(spec.model)
     method.check_bits(spec.bits)
+    method.check_eval_bits(spec.bits, spec.evaluated_bits)
     device = resolve_device(spec.device)
     torch.manual_seed(seed)
     model = method.build(spec.model, data.info.num_classes, spec.bits, data.info, spec.width).to(device)
@@ -155,7 +157,7 @@ def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store
         finalize_batches = epoch_batches(data.train, schedule.batch_size, seed, schedule.epochs, augment, device)
         method.finalize(model, finalize_batches, ctx)
     with timer.phase("eval"):
-        accuracy = evaluate_bits(model, method, data.test, method.eval_bits(spec.bits), schedule.eval_batch_size,
+        accuracy = evaluate_bits(model, method, data.test, spec.evaluated_bits, schedule.eval_batch_size,
                                  device)
     record = make_record(spec, method_spec, method, seed, model, accuracy, ctx, timer, device, log)
     if store is not None:
@@ -179,6 +181,7 @@ def make_record(spec: RunSpec, method_spec: str, method: Method, seed: int, mode
         "model": spec.model,
         "width": spec.width,
         "bits": list(spec.bits),
+        "eval_bits": list(spec.evaluated_bits),
         "epochs": spec.schedule.epochs,
         "schedule": spec.schedule.to_dict(),
         "train_subset": spec.train_subset,

@@ -27,7 +27,7 @@ from torch import nn
 
 from harness.config import MethodConfig, check_positive
 from harness.method import Batch, Method, RunContext
-from harness.models import create_model
+from harness.models import CONVOLUTIONAL_MODELS, create_model
 from harness.registry import register_method
 from methods.quant.distill import soft_cross_entropy
 from methods.quant.dorefa import FULL_PRECISION, dorefa_activation, dorefa_weight
@@ -65,13 +65,14 @@ def dorefa_quantize(model: nn.Module, bits_set: tuple[int, ...], *, fp_shortcut:
 
 def create_fp_model(model_name: str, num_classes: int, data_info: Any, width: float) -> nn.Module:
     return create_model(model_name, num_classes=num_classes, in_chans=data_info.in_chans, mean=data_info.mean,
-                        std=data_info.std, width=width)
+                        std=data_info.std, width=width, image_size=data_info.image_size)
 
 
 @register_method("anyprecision")
 class AnyPrecision(Method):
     """Any-Precision DNNs: one DoReFa network, switchable BN, recursive distillation."""
 
+    supported_models = CONVOLUTIONAL_MODELS
     Config = AnyPrecisionConfig
     cfg: AnyPrecisionConfig
 

@@ -20,6 +20,7 @@ from harness.config import MethodConfig, check_positive
 from harness.cost import storage_bits_of
 from harness.errors import ConfigError
 from harness.method import Batch, Method, RunContext
+from harness.models import CONVOLUTIONAL_MODELS
 from harness.registry import register_method
 from methods.anyprecision import create_fp_model, dorefa_quantize
 from methods.quant.dorefa import FULL_PRECISION
@@ -63,6 +64,7 @@ class DedicatedNetworks(nn.Module):
 class Dedicated(Method):
     """One DoReFa network per bit-width, trained independently with cross-entropy."""
 
+    supported_models = CONVOLUTIONAL_MODELS
     Config = DedicatedConfig
     cfg: DedicatedConfig
 

@@ -42,6 +42,8 @@ def write_bad_fashion_mnist(root):
     ["--dataset", "cifar10", "--data-root", "{tmp}/missing"],
     ["--dataset", "fashion-mnist", "--data-root", "{tmp}/corrupt"],
     ["--nosuchflag"],
+    ["--eval-bits", "3"],  # anyprecision has no BN for an untrained bit-width
+    ["--model", "deit_tiny"],  # anyprecision quantizes convolutional models only
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, args):
     write_bad_fashion_mnist(tmp_path / "corrupt")
