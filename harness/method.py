@@ -53,6 +53,7 @@ class RunContext:
     data_info: Any = None
     schedule: Any = None
     show_progress: bool = False
+    eval_bits: tuple[int, ...] = ()
 
     def count_passes(self, bits: int, samples: int) -> None:
         """Record ``samples`` forward+backward sample-passes at ``bits`` (machine-independent cost)."""
@@ -143,3 +144,8 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def artifacts(self) -> dict[str, Any]:
+        """Tensors worth inspecting (e.g. importance scores, coreset indices); the harness saves them as
+        ``artifacts.pt`` in the cell folder after ``prepare`` and after every epoch."""
+        return {}

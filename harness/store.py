@@ -148,6 +148,9 @@ class RunStore:
     def save_checkpoint(self, method_label: str, seed: int, state: dict[str, Any]) -> None:
         atomic_torch_save(self.checkpoint_path(method_label, seed), state)
 
+    def save_artifacts(self, method_label: str, seed: int, artifacts: dict[str, Any]) -> None:
+        atomic_torch_save(self.cell_dir(method_label, seed) / "artifacts.pt", artifacts)
+
     def load_record(self, method_label: str, seed: int) -> dict[str, Any] | None:
         path = self.record_path(method_label, seed)
         if not path.exists():

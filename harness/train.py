@@ -88,7 +88,8 @@ def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store
     model = method.build(spec.model, data.info.num_classes, spec.bits, data.info, spec.width).to(device)
     optimizers = build_optimizers(model, method.param_groups(model), schedule)
     ctx = RunContext(bits=spec.bits, device=device, num_classes=data.info.num_classes, seed=seed,
-                     epochs=schedule.epochs, data_info=data.info, schedule=schedule, show_progress=show_progress)
+                     epochs=schedule.epochs, data_info=data.info, schedule=schedule, show_progress=show_progress,
+                     eval_bits=spec.evaluated_bits)
     timer = PhaseTimer(device)
     start_epoch, prepared, log = 0, False, []
     state = store.load_checkpoint(method_spec, seed) if store else None
@@ -104,9 +105,12 @@ def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store
         torch.set_rng_state(state["rng"])
 
     def save(epoch: int) -> None:
-        if store is not None:
-            store.save_checkpoint(method_spec, seed, _checkpoint(model, optimizers, method, epoch, True, ctx,
-                                                                 timer, log))
+        if store is None:
+            return
+        store.save_checkpoint(method_spec, seed, _checkpoint(model, optimizers, method, epoch, True, ctx, timer, log))
+        artifacts = method.artifacts()
+        if artifacts:
+            store.save_artifacts(method_spec, seed, artifacts)
 
     if not prepared:
         model.train()
