@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark): run with `python -m pytest benchmarks --benchmark-only`; not part of CI."""
