@@ -94,7 +94,6 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
                    train_subset=train_subset, test_subset=test_subset, device=device, baseline=baseline)
     out = out if out is not None else default_out(spec)
     echo = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    echo(f"run folder: {out}")
     _, markdown = run_comparison(spec, out, show_progress=not quiet, echo=echo)
     click.echo(markdown)
 

@@ -42,6 +42,7 @@ def run_comparison(spec, out: Path, *, show_progress: bool = True,
     data = load_dataset(spec.dataset, spec.data_root, train_subset=spec.train_subset,
                         test_subset=spec.test_subset, seed=SUBSET_SEED)
     store = RunStore(out)
+    echo(f"run folder: {out}")
     store.write_json("spec.json", json.loads(spec.to_json()))
     store.write_json("env.json", environment(resolve_device(spec.device)))
     logs: dict[tuple[str, int], list[dict[str, Any]]] = {}

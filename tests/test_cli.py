@@ -49,7 +49,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, args)
     write_bad_fashion_mnist(tmp_path / "corrupt")
     out_dir = tmp_path / "out"
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    code, out, err = run_cli(capsys, ["compare", "--methods", "anyprecision", *TINY, "--out", str(out_dir), *args])
+    not_quiet = [a for a in TINY if a != "--quiet"]
+    code, out, err = run_cli(capsys, ["compare", "--methods", "anyprecision", *not_quiet, "--out", str(out_dir), *args])
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err and out == ""
