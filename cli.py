@@ -98,10 +98,43 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
     click.echo(markdown)
 
 
+@cli.command()
+@click.argument("preset_name", metavar="PRESET")
+@click.option("--data-root", default=None, help="Folder holding the preset's data set (see `list presets`).")
+@click.option("--epochs", type=int, default=None,
+              help="Shorten the schedule to this many epochs (milestones scale); the table then says so.")
+@click.option("--seed", "seeds", default="0", show_default=True, help="Seed or comma-separated seeds.")
+@click.option("--train-subset", type=int, default=None, help="Train on this many samples (a fixed subset).")
+@click.option("--test-subset", type=int, default=None, help="Evaluate on this many test samples.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder (default results/runs/<preset>-<hash of the settings>); rerunning resumes.")
+@click.option("--quiet", is_flag=True, help="No progress bars or status lines.")
+def reproduce(preset_name, data_root, epochs, seeds, train_subset, test_subset, device, out, quiet) -> None:
+    """Run a paper preset (`list presets`) and print published vs measured numbers per bit-width with the gap."""
+    from harness.compare import run_comparison
+    from harness.presets import get_preset
+    from harness.reproduce import reproduce_markdown
+    from harness.store import atomic_write_text
+
+    preset = get_preset(preset_name)
+    spec = preset.run_spec(epochs=epochs, seeds=_parse_ints(seeds, "--seed"), data_root=data_root,
+                           train_subset=train_subset, test_subset=test_subset, device=device)
+    if out is None:
+        digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:10]
+        out = Path("results") / "runs" / f"{preset.name}-{digest}"
+    echo = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    records, markdown = run_comparison(spec, out, show_progress=not quiet, echo=echo)
+    text = reproduce_markdown(preset, records, spec.schedule.epochs)
+    atomic_write_text(out / "reproduce.md", text)
+    click.echo(markdown)
+    click.echo(text)
+
+
 @cli.command("list")
-@click.argument("what", type=click.Choice(["methods", "datasets", "models"]))
+@click.argument("what", type=click.Choice(["methods", "datasets", "models", "presets"]))
 def list_command(what: str) -> None:
-    """List the registered methods (built-in and entry points), data sets or models."""
+    """List the registered methods (built-in and entry points), data sets, models or paper presets."""
     if what == "methods":
         from harness.registry import get_method, list_methods
 
@@ -115,6 +148,12 @@ def list_command(what: str) -> None:
         for name in DATASETS:
             root = default_data_root(name)
             click.echo(f"{name:16s} {'default data root: ' + str(root) if root else 'built in'}")
+    elif what == "presets":
+        from harness.presets import get_preset, list_presets
+
+        for name in list_presets():
+            preset = get_preset(name)
+            click.echo(f"{name:32s} {preset.title}\n{'':32s} data: {preset.data_needs}")
     else:
         from harness.models import list_models
 

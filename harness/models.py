@@ -11,7 +11,7 @@ layers with a special part in quantized networks carry a ``mbq_role`` attribute:
 
 Architectures: ResNet-20 (He et al., CVPR 2016, Sec. 4.2, option B shortcuts), the pre-activation ResNet-20 of
 Any-Precision DNNs (Yu et al., AAAI 2021, code ``resnet20q``), and torchvision's ResNet-18 with a 3x3 stride-1
-stem and no max-pool for small images.
+stem and no max-pool for small images (torchvision's stem at ImageNet size), and DeiT-Tiny (timm).
 """
 
 from __future__ import annotations
@@ -156,16 +156,23 @@ def init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class SmallInputResNet18(ResNet):
-    """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool (for 8-64 pixel images)."""
+class ResNet18(ResNet):
+    """torchvision's ResNet-18; for images under 128 pixels (or no size given) the stem is a 3x3 stride-1 conv
+    without max-pool, at ImageNet size torchvision's 7x7 stride-2 conv and max-pool."""
 
-    def __init__(self, num_classes: int, in_chans: int, mean, std, width: float = 1.0) -> None:
+    SMALL_INPUT_LIMIT = 128
+
+    def __init__(self, num_classes: int, in_chans: int, mean, std, width: float = 1.0,
+                 image_size: int | None = None) -> None:
         super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width_per_group=64)
         if width != 1.0:
             raise ConfigError("resnet18 supports width 1 only")
         self.input_norm = InputNorm(mean, std)
-        self.conv1 = tag(nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False), "stem")
-        self.maxpool = nn.Identity()
+        if image_size is not None and image_size >= self.SMALL_INPUT_LIMIT:
+            self.conv1 = tag(nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False), "stem")
+        else:
+            self.conv1 = tag(nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False), "stem")
+            self.maxpool = nn.Identity()
         tag(self.fc, "head")
         init_weights(self)
 
@@ -204,10 +211,11 @@ ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {
     "resnet20": lambda **kw: CifarResNet(preact=False, **kw),
     "preact_resnet20": lambda **kw: CifarResNet(preact=True, **kw),
-    "resnet18": SmallInputResNet18,
+    "resnet18": ResNet18,
     "deit_tiny": DeiTTiny,
 }
 NEEDS_IMAGE_SIZE = ("deit_tiny",)
+USES_IMAGE_SIZE = ("deit_tiny", "resnet18")
 CONVOLUTIONAL_MODELS = ("resnet20", "preact_resnet20", "resnet18")
 
 
@@ -226,9 +234,9 @@ def create_model(name: str, *, num_classes: int, in_chans: int, mean: Sequence[f
     if width <= 0:
         raise ConfigError(f"model width must be positive, got {width}")
     extra = {}
-    if name in NEEDS_IMAGE_SIZE:
-        if image_size is None:
-            raise ConfigError(f"model {name!r} needs the image size of the data set")
+    if name in NEEDS_IMAGE_SIZE and image_size is None:
+        raise ConfigError(f"model {name!r} needs the image size of the data set")
+    if name in USES_IMAGE_SIZE:
         extra["image_size"] = image_size
     return MODELS[name](num_classes=num_classes, in_chans=in_chans, mean=tuple(mean), std=tuple(std), width=width,
                         **extra)

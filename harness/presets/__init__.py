@@ -1,0 +1,107 @@
+"""Paper presets: one module per paper table, each a :class:`Preset` with the exact recipe, the published
+numbers (``results/published/<name>.csv``, with their source) and a note on every uncertain point.
+
+``python cli.py reproduce NAME`` runs a preset and prints published vs measured numbers with the gap; empty
+published cells are shown as unverified, never filled in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
+from harness.config import RunSpec, Schedule
+from harness.errors import ConfigError, MbqError
+
+PUBLISHED_DIR = Path(__file__).resolve().parents[2] / "results" / "published"
+PUBLISHED_COLUMNS = ["method", "bits", "metric", "value", "source"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    title: str
+    dataset: str
+    model: str
+    bits: tuple[int, ...]
+    methods: tuple[str, ...]
+    schedule: Schedule
+    width: float = 1.0
+    eval_bits: tuple[int, ...] | None = None
+    notes: tuple[str, ...] = ()
+    data_needs: str = ""
+    speedup_baseline: str | None = None
+
+    def run_spec(self, *, epochs: int | None = None, seeds: tuple[int, ...] = (0,), data_root: str | None = None,
+                 train_subset: int | None = None, test_subset: int | None = None, device: str = "auto",
+                 width: float | None = None) -> RunSpec:
+        """The preset's run; ``epochs`` shortens the schedule, ``width`` overrides the model width (smoke tests)."""
+        return RunSpec(methods=self.methods, dataset=self.dataset, model=self.model, width=width or self.width,
+                       bits=self.bits, eval_bits=self.eval_bits, seeds=seeds,
+                       schedule=shortened(self.schedule, epochs), data_root=data_root, train_subset=train_subset,
+                       test_subset=test_subset, device=device, baseline=self.speedup_baseline)
+
+    def published(self) -> pd.DataFrame:
+        return load_published(PUBLISHED_DIR / f"{self.name}.csv")
+
+
+def shortened(schedule: Schedule, epochs: int | None) -> Schedule:
+    """The same schedule over ``epochs`` epochs: step milestones and warm-up scale proportionally."""
+    if epochs is None or epochs == schedule.epochs:
+        return schedule
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
+    scale = epochs / schedule.epochs
+    milestones = tuple(sorted({m for m in (max(1, round(m * scale)) for m in schedule.milestones) if m < epochs}))
+    lr_schedule = schedule.lr_schedule
+    if lr_schedule == "step" and not milestones:
+        lr_schedule = "constant"
+    warmup = min(int(math.floor(schedule.warmup_epochs * scale)), epochs - 1)
+    return replace(schedule, epochs=epochs, milestones=milestones, lr_schedule=lr_schedule, warmup_epochs=warmup)
+
+
+def load_published(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame(columns=PUBLISHED_COLUMNS)
+    try:
+        frame = pd.read_csv(path, dtype={"method": str, "metric": str, "source": str})
+    except (OSError, ValueError) as exc:
+        raise MbqError(f"published numbers {path} are unreadable: {exc}") from exc
+    missing = set(PUBLISHED_COLUMNS) - set(frame.columns)
+    if missing:
+        raise MbqError(f"published numbers {path} lack columns {sorted(missing)}")
+    frame["bits"] = pd.to_numeric(frame["bits"], errors="coerce").astype("Int64")
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
+    return frame[PUBLISHED_COLUMNS]
+
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def _discover() -> None:
+    if _PRESETS:
+        return
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        preset = getattr(module, "PRESET", None)
+        if isinstance(preset, Preset):
+            if preset.name in _PRESETS:
+                raise MbqError(f"preset {preset.name!r} is defined twice")
+            _PRESETS[preset.name] = preset
+
+
+def list_presets() -> list[str]:
+    _discover()
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    _discover()
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(_PRESETS))}")
+    return _PRESETS[name]
