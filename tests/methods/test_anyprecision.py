@@ -80,6 +80,9 @@ def test_preact_layout_follows_the_spec():
     assert type(block.shortcut[0]) is nn.Conv2d and type(block.shortcut[1]) is nn.BatchNorm2d  # the code's quirk
     _, quantized_shortcut = build((2, 32), fp_shortcut=False)
     assert isinstance(quantized_shortcut.blocks[3].shortcut[0], QuantConv2d)
+    _, post_activation = build((2, 32), model="resnet20")  # auto: the quirk only on the authors' network
+    assert isinstance(post_activation.blocks[3].downsample[0], QuantConv2d)
+    assert isinstance(post_activation.blocks[3].downsample[1], SwitchableBatchNorm2d)
 
 
 # Hand count of the pre-activation ResNet-20 (width 1: 16/32/64 channels), 1 input channel, 10 classes.
