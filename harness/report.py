@@ -8,6 +8,7 @@ the cost relative to a baseline method. Records made under different schedules a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,45 @@ def _fmt(values: pd.Series, digits: int = 2) -> str:
     return f"{values.mean():.{digits}f}"
 
 
+def seed_stats(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean, sample std and a percentile bootstrap interval of the mean over seeds (``nan`` for one seed)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    data = np.asarray(values, dtype=float)
+    stats = {"n": len(data), "mean": float(data.mean()), "std": float(data.std(ddof=1)) if len(data) > 1 else math.nan,
+             "ci_low": math.nan, "ci_high": math.nan}
+    if len(data) > 1 and np.ptp(data) > 0:
+        result = bootstrap((data,), np.mean, confidence_level=confidence, n_resamples=2000, method="percentile",
+                           random_state=0)
+        interval = result.confidence_interval
+        stats["ci_low"], stats["ci_high"] = float(interval.low), float(interval.high)
+    elif len(data) > 1:
+        stats["ci_low"] = stats["ci_high"] = stats["mean"]
+    return stats
+
+
+def stats_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (method, bits): statistics of top-1 over seeds."""
+    frame = summary_frame(records)
+    rows = [{"method": method, "bits": bits, **seed_stats(part["top1"].tolist())}
+            for (method, bits), part in frame.groupby(["method", "bits"], sort=False)]
+    return pd.DataFrame(rows, columns=["method", "bits", "n", "mean", "std", "ci_low", "ci_high"])
+
+
+def within_noise_of_best(stats: pd.DataFrame) -> set[tuple[str, int]]:
+    """(method, bits) cells whose bootstrap interval overlaps the best method's at that bit-width."""
+    marked = set()
+    for bits, part in stats.groupby("bits"):
+        best = part.loc[part["mean"].idxmax()]
+        if part["n"].min() < 2 or math.isnan(best["ci_low"]):
+            continue
+        for row in part.itertuples(index=False):
+            if row.method != best["method"] and row.ci_high >= best["ci_low"] and best["ci_high"] >= row.ci_low:
+                marked.add((row.method, int(bits)))
+    return marked
+
+
 def comparison_table(records: Sequence[dict[str, Any]], method_order: Sequence[str] | None = None,
                      baseline: str | None = None) -> pd.DataFrame:
     """One row per method: formatted strings, ready for markdown/LaTeX."""
@@ -66,12 +106,14 @@ def comparison_table(records: Sequence[dict[str, Any]], method_order: Sequence[s
     methods = [m for m in methods if m in set(frame["method"])]
     all_bits = sorted(frame["bits"].unique())
     per_method_hours = frame.groupby("method")["device_hours"].mean()
+    per_method_passes = frame.drop_duplicates(["method", "seed"]).groupby("method")["sample_passes_total"].mean()
+    noisy = within_noise_of_best(stats_frame(records))
     rows = []
     for method in methods:
         part = frame[frame["method"] == method]
         row: dict[str, str] = {"method": method}
         for b in all_bits:
-            row[f"{b}-bit top-1 %"] = _fmt(part[part["bits"] == b]["top1"])
+            row[f"{b}-bit top-1 %"] = _fmt(part[part["bits"] == b]["top1"]) + (" ~" if (method, b) in noisy else "")
         firsts = part.drop_duplicates("seed")
         row["storage MB per bit"] = " / ".join(
             f"{part[part['bits'] == b]['storage_mb'].mean():.3f}" if (part["bits"] == b).any() else "-"
@@ -81,6 +123,7 @@ def comparison_table(records: Sequence[dict[str, Any]], method_order: Sequence[s
         row["prepare/train/finalize/eval h"] = " / ".join(
             f"{firsts[f'hours_{p}'].mean():.4f}" for p in ("prepare", "train", "finalize", "eval"))
         row["sample-passes (M)"] = f"{firsts['sample_passes_total'].mean() / 1e6:.3f}"
+        row["passes vs fewest"] = f"{per_method_passes[method] / per_method_passes.min():.2f}x"
         if baseline is not None and baseline in per_method_hours:
             row[f"cost vs {baseline}"] = f"{per_method_hours[method] / per_method_hours[baseline]:.2f}x"
         rows.append(row)
@@ -101,7 +144,10 @@ def caption(records: Sequence[dict[str, Any]]) -> str:
     sched = first["schedule"]
     return (f"{first['dataset']} / {first['model']}{subset}; {sched['epochs']} epochs, {sched['optimizer']} "
             f"lr {sched['lr']} {sched['lr_schedule']}, batch {sched['batch_size']}; seeds {seeds}; "
-            f"device {first['device']}. Top-1 on the test split; storage counted analytically.")
+            f"device {first['device']}. Top-1 on the test split; storage counted analytically. "
+            f"With several seeds: mean ± std; '~' marks a cell whose 95% bootstrap interval overlaps the best "
+            f"method's at that bit-width (a difference within the noise). 'passes vs fewest' normalizes the "
+            f"training work (forward+backward sample-passes) by the cheapest method's.")
 
 
 def accuracy_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
@@ -128,9 +174,37 @@ def accuracy_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
+def pareto_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
+    """Accuracy vs device-hours, one panel per bit-width, one point (mean over seeds) per method."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = summary_frame(records)
+    all_bits = sorted(frame["bits"].unique())
+    fig, axes = plt.subplots(1, len(all_bits), figsize=(3.2 * len(all_bits), 3.2), squeeze=False)
+    for ax, bits in zip(axes[0], all_bits):
+        part = frame[frame["bits"] == bits].groupby("method", sort=False)[["device_hours", "top1"]].mean()
+        for method, row in part.iterrows():
+            ax.scatter(row["device_hours"], row["top1"], label=method)
+        ax.set_title(f"{bits}-bit")
+        ax.set_xlabel("device-hours")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("top-1 accuracy (%)")
+    axes[0][-1].legend(fontsize="small")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def write_reports(root: Path, records: Sequence[dict[str, Any]], method_order: Sequence[str] | None = None,
                   baseline: str | None = None, allow_mixed: bool = False) -> str:
-    """Write summary.csv, table.md, table.tex and accuracy.png under ``root``; return the markdown table."""
+    """Write summary.csv, stats.csv, table.md, table.tex, accuracy.png and pareto.png under ``root``; return the
+    markdown table."""
     check_same_schedule(records, allow_mixed)
     root = Path(root)
     frame = summary_frame(records)
@@ -139,5 +213,7 @@ def write_reports(root: Path, records: Sequence[dict[str, Any]], method_order: S
     markdown = to_markdown(table) + "\n" + caption(records) + "\n"
     atomic_write_text(root / "table.md", markdown)
     atomic_write_text(root / "table.tex", table.to_latex(index=False, escape=True))
+    atomic_write_text(root / "stats.csv", stats_frame(records).to_csv(index=False))
     atomic_write_bytes(root / "accuracy.png", accuracy_plot_png(records))
+    atomic_write_bytes(root / "pareto.png", pareto_plot_png(records))
     return markdown
