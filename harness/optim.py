@@ -43,9 +43,8 @@ def build_optimizers(model: nn.Module, groups: list[dict[str, Any]] | None,
     return optimizers
 
 
-def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:
-    """Scale every group's base lr by ``factor``; return the first group's lr (for the log)."""
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    """Scale every group's base lr by ``factor``."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-    return optimizers[0].param_groups[0]["lr"]

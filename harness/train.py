@@ -136,7 +136,9 @@ def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store
                             leave=False, disable=not show_progress, dynamic_ncols=True)
             for index, batch in enumerate(progress):
                 ctx.step += 1
-                lr = set_lr(optimizers, schedule.lr_factor(epoch, index, epoch_steps))
+                factor = schedule.lr_factor(epoch, index, epoch_steps)
+                set_lr(optimizers, factor)
+                lr = schedule.lr * factor  # the schedule's lr; groups with their own base lr follow the same curve
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
                 losses = method.train_step(model, batch, ctx)
