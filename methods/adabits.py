@@ -1,0 +1,237 @@
+"""AdaBits (Jin, Yang, Liao, "AdaBits: Neural Network Quantization with Adaptive Bit-Widths", CVPR 2020,
+arXiv 1912.09666) as an mbqbench method, following the paper and the authors' public code (re-implemented).
+
+Quantizers (weights and activations share the bit-width b):
+
+* weights, SAT-style and nested (:mod:`methods.quant.sat`): ``w~ = tanh(w) / max|tanh(w)|``, ``u = (w~ + 1) / 2``,
+  ``W_q = 2 min(floor(2^b u), 2^b - 1) / 2^b - 1``; the b-bit code is the 8-bit code shifted right by ``8 - b``,
+  so one highest-bit copy of the weights serves every bit-width. SAT rescaling multiplies ``W_q`` by
+  ``1 / (sqrt(n_out) std(W_q))`` (constant std): convolutions always (``conv_rescale``, the CIFAR config), the
+  classifier during training only, its bias being divided by the same factor at eval (out of place).
+* activations, PACT with switchable clipping levels (:mod:`methods.quant.pact`):
+  ``y = round((2^b - 1) min(relu(x), a) / a) / (2^b - 1) a``, ``a = |alpha|``, one alpha per layer per bit-width,
+  initialized to 8 (convolutions) and 10 (classifier), no weight decay.
+* switchable BN: one BN (affine and running statistics) per bit-width.
+
+Where the activation quantizers sit (the mapping onto :mod:`harness.models`): as in the authors' code, every
+quantized layer quantizes its own *input* with its own clipping levels (the quantizer is a submodule of the layer,
+``conv.input_quantizer``); the network's ReLUs stay plain ReLUs (PACT's lower clip is that ReLU again) and residual
+additions, identity shortcuts and pooling carry the unquantized ReLU output, in full precision. So in ``resnet20``
+the last block's ``relu2`` feeds the global average pool in full precision, and the classifier quantizes the
+pooled features at b bits with its own alpha; no extra quantizer sits on ``relu2``. A downsampling block's
+``conv1`` and its 1x1 shortcut convolution read the same tensor through two different alphas (the code's
+behaviour). In ``preact_resnet20`` the classifier's quantizer reads the final BN's output and applies the ReLU
+itself (at 32 bits the code quantizes nothing, so there that input is not rectified).
+
+First and last layers: the first convolution (role ``"stem"``) keeps weights at the highest trained bit-width
+(``stem_weight_bits="highest"``, the CIFAR config; ``"max8"`` is the ImageNet rule ``max(b, 8)``) and its input is
+not quantized. The classifier (role ``"head"``) keeps weights at ``max(b, 8)`` (``head_weight_bits="max8"``).
+Downsampling shortcut convolutions are quantized with switchable BN (``fp_shortcut=False``). The input is the raw
+image ``round(255 x)`` without mean/std normalization (``raw_input=True``, the CIFAR config): the model's
+``InputNorm`` is replaced by :class:`RawImageInput`. This is the default because it is the paper's CIFAR setting
+and, in ``resnet20`` and ``resnet18``, the bias-free first convolution is followed by a BN, which removes the
+input's scale and mean (only the rounding to 8-bit values remains). In ``preact_resnet20`` the first block's
+identity shortcut carries the stem output at that raw scale; ``raw_input=False`` keeps the data set's
+normalization instead.
+
+Training step (joint training): for b from highest to lowest, set b, forward, cross-entropy with the labels,
+backward; the harness then takes one optimizer step. No distillation, no loss weights, no BN calibration.
+Weight decay, as in the authors' optimizer: only on convolution (non-depthwise) and classifier weights; alphas
+never, BN parameters and biases unless ``decay_norm_and_bias=True``. The alphas train with the schedule's lr like
+every other parameter (the paper); ``alpha_lr`` gives them their own base lr, which the shared schedule scales.
+On short schedules this matters: an alpha's gradient is small next to its size (about 1e-2 against 8), so at lr
+0.05 the clipping levels barely leave their initial values in a few hundred steps.
+
+Bit-widths: 1..8 (the nested codes are counted against the one 8-bit copy; the spec's recipes train 3..8) and
+32, which runs the code's full-precision path (normalized ``w~`` weights, unquantized activations, own BN); 9..31
+are refused. A bit-width the model was not built for is an error (the authors' code silently falls back to the first
+entry).
+
+Known behaviour at 2 bits (below the recipes' range), measured on ``resnet20``: with the paper's alpha
+initialization the first 2-bit backward pass explodes (largest gradient 6e17 on digits, 1.5e27 on
+Fashion-MNIST, against about 50 at 3..8 bits). The 2-bit weight levels are {-1, -0.5, 0, 0.5} and most small
+weights land on -0.5 or 0, so a conv's output on non-negative input is mostly <= 0; after BN and ReLU few values
+reach the first 2-bit level ``a / 6 = 1.33``, whole channels quantize to zero, the next BN sees zero variance and
+multiplies its input gradient by ``1 / sqrt(eps)`` (about 316), several times over. One SGD step then saturates
+``tanh`` in most shared latent weights, which hurts every bit-width. The method is implemented as published;
+comparisons at 2 bits should say so.
+
+Storage: weights at their bit-width (one copy at the highest for the whole set), per-bit BN (4 values per
+channel) and per-bit alphas (32 bits each), the classifier bias at 32 bits.
+
+UNRESOLVED choices (the spec and the code differ or are silent), each a config option with the spec's default:
+
+* ``head_weight_bits``: the spec says ``max(b, 8)``; the authors' CIFAR ResNet uses the highest bit-width of
+  the set (``"highest"``), their ImageNet MobileNets ``max(b, 8)``.
+* ``stem_weight_bits``: the spec's CIFAR rule (``"highest"``); ``"max8"`` for the ImageNet rule.
+* ``decay_norm_and_bias``: the spec names the exclusions for ImageNet only; the code applies them for CIFAR too.
+* Where PACT sits: on each quantized layer's input, as in the code (see the mapping above), not in place of the
+  network's ReLU modules.
+* The classifier keeps the harness's initialization (same initial weights for every method) instead of the
+  code's ``N(0, 0.01)``; the 32-bit path follows the code (see above) but keeps no (unused) 32-bit alpha.
+* Ablations beyond the paper's setting: ``switchable_clipping=False`` (one alpha per layer), ``fp_shortcut=True``,
+  ``conv_rescale``/``fc_rescale`` off, ``alpha_lr``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.config import MethodConfig, check_positive
+from harness.errors import ConfigError
+from harness.method import Batch, Method, RunContext
+from harness.models import CONVOLUTIONAL_MODELS, role_of
+from harness.registry import register_method
+from methods.anyprecision import create_fp_model
+from methods.quant.dorefa import FULL_PRECISION
+from methods.quant.modules import SwitchableBatchNorm2d, set_model_bits, swap_modules
+from methods.quant.pact import SwitchablePACT
+from methods.quant.sat import SATConv2d, SATLinear
+
+MAX_NESTED_BITS = 8
+RAW_IMAGE_SCALE = 255.0
+
+
+@dataclass(frozen=True)
+class AdaBitsConfig(MethodConfig):
+    """AdaBits options; defaults follow the spec (its CIFAR-10 configuration where it names one; module docstring)."""
+
+    width: float | None = None
+    raw_input: bool = True
+    conv_rescale: bool = True
+    fc_rescale: bool = True
+    stem_weight_bits: Literal["highest", "max8"] = "highest"
+    head_weight_bits: Literal["max8", "highest"] = "max8"
+    fp_shortcut: bool = False
+    switchable_clipping: bool = True
+    conv_alpha_init: float = 8.0
+    fc_alpha_init: float = 10.0
+    decay_norm_and_bias: bool = False
+    alpha_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.width is not None:
+            check_positive("adabits width", self.width)
+        if self.alpha_lr is not None:
+            check_positive("adabits alpha_lr", self.alpha_lr)
+        check_positive("adabits conv_alpha_init", self.conv_alpha_init)
+        check_positive("adabits fc_alpha_init", self.fc_alpha_init)
+
+
+class RawImageInput(nn.Module):
+    """``round(255 x)``: the raw 8-bit pixel values, no mean/std normalization; preprocessing, stores nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mbq_role = "input"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * RAW_IMAGE_SCALE)
+
+    def storage_bits(self, bits: int) -> int:
+        return 0
+
+    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
+        return 0
+
+
+def adabits_network(model: nn.Module, bits_set: tuple[int, ...], cfg: AdaBitsConfig) -> nn.Module:
+    """Swap the layers of a full-precision model from :mod:`harness.models` in place (see the module docstring)."""
+    bits_set = tuple(sorted(bits_set))
+
+    def pact(init: float) -> SwitchablePACT:
+        return SwitchablePACT(bits_set, init, switchable=cfg.switchable_clipping)
+
+    def swap(module: nn.Module) -> nn.Module | None:
+        role = role_of(module)
+        if role == "input":
+            return RawImageInput() if cfg.raw_input else module
+        if role in ("shortcut", "shortcut_norm") and cfg.fp_shortcut:
+            return module
+        if isinstance(module, nn.Conv2d):
+            if role == "stem":
+                return SATConv2d.from_conv(module, bits_set=bits_set, weight_bits_rule=cfg.stem_weight_bits,
+                                           rescale=cfg.conv_rescale, input_quantizer=None)
+            return SATConv2d.from_conv(module, bits_set=bits_set, weight_bits_rule="same", rescale=cfg.conv_rescale,
+                                       input_quantizer=pact(cfg.conv_alpha_init))
+        if isinstance(module, nn.BatchNorm2d):
+            return SwitchableBatchNorm2d.from_norm(module, bits_set)
+        if isinstance(module, nn.Linear) and role == "head":
+            return SATLinear.from_linear(module, bits_set=bits_set, weight_bits_rule=cfg.head_weight_bits,
+                                         rescale=cfg.fc_rescale, input_quantizer=pact(cfg.fc_alpha_init))
+        return None
+
+    swap_modules(model, swap)
+    model.mbq_bits_set = bits_set
+    return model
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
+@register_method("adabits")
+class AdaBits(Method):
+    """AdaBits: one SAT/PACT network, switchable BN and clipping levels, joint training of all bit-widths."""
+
+    supported_models = CONVOLUTIONAL_MODELS
+    Config = AdaBitsConfig
+    cfg: AdaBitsConfig
+
+    def check_bits(self, bits: tuple[int, ...]) -> None:
+        unsupported = [b for b in bits if b > MAX_NESTED_BITS and b != FULL_PRECISION]
+        if unsupported:
+            raise ConfigError(f"adabits supports bit-widths 1..{MAX_NESTED_BITS} and {FULL_PRECISION} "
+                              f"(full precision), got {unsupported[0]}")
+
+    def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any, width: float):
+        self.check_bits(bits)
+        model = create_fp_model(model_name, num_classes, data_info, self.cfg.width or width)
+        return adabits_network(model, bits, self.cfg)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        alpha_ids = {id(p) for m in model.modules() if isinstance(m, SwitchablePACT) for p in m.parameters()}
+        decayed_ids = {id(m.weight) for m in model.modules()
+                       if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and not is_depthwise(m))}
+        decayed, alphas, others = [], [], []
+        for param in model.parameters():
+            if not param.requires_grad:
+                continue
+            if id(param) in alpha_ids:
+                alphas.append(param)
+            elif id(param) in decayed_ids:
+                decayed.append(param)
+            else:
+                others.append(param)
+        other_group: dict[str, Any] = {"params": others}
+        if not self.cfg.decay_norm_and_bias:
+            other_group["weight_decay"] = 0.0
+        alpha_group: dict[str, Any] = {"params": alphas, "weight_decay": 0.0}
+        if self.cfg.alpha_lr is not None:
+            alpha_group["lr"] = self.cfg.alpha_lr  # a base lr: the shared schedule still scales it every step
+        return [{"params": decayed}, other_group, alpha_group]
+
+    def set_bits(self, model: nn.Module, bits: int) -> None:
+        built = getattr(model, "mbq_bits_set", ())
+        if bits not in built:
+            raise ConfigError(f"this adabits model was built for bits {list(built)}; it has no BN or clipping "
+                              f"levels for {bits} bits")
+        set_model_bits(model, bits)
+
+    def train_step(self, model: nn.Module, batch: Batch, ctx: RunContext) -> dict[str, float]:
+        losses: dict[str, float] = {}
+        for bits in sorted(ctx.bits, reverse=True):
+            data = batch.for_bits(bits)
+            self.set_bits(model, bits)
+            loss = F.cross_entropy(model(data.x), data.y)
+            loss.backward()
+            ctx.count_passes(bits, len(data.y))
+            losses[f"loss_{bits}"] = loss.item()
+        return losses

@@ -1,0 +1,79 @@
+"""PACT activation quantization with switchable clipping levels (S-CL), as used by AdaBits.
+
+Choi et al., "PACT: Parameterized Clipping Activation for Quantized Neural Networks" (arXiv 1805.06085), in the
+form of Jin, Yang, Liao, "AdaBits: Neural Network Quantization with Adaptive Bit-Widths" (CVPR 2020,
+arXiv 1912.09666), Sec. 3.3:
+
+* ``a = |alpha|`` (alpha learnable, no weight decay);
+  ``y = round((2^b - 1) * min(relu(x), a) / a) / (2^b - 1) * a``;
+* gradients (straight-through rounding): ``dy/dx = 1`` for ``0 < x < a`` and 0 elsewhere;
+  ``dy/da = 1`` where ``x >= a``, ``q(x/a) - x/a`` where ``0 <= x < a`` (``q`` the rounding to the grid), and 0
+  where ``x < 0``; ``dy/dalpha = sign(alpha) * dy/da``. Autograd through :func:`pact_quantize` yields exactly
+  these (tested against the closed form);
+* S-CL: one alpha per layer per bit-width (:class:`SwitchablePACT`); at 32 bits the input passes unchanged
+  (the authors' code quantizes nothing at 32 bits unless its ``pact_fp`` flag is set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from harness.errors import ConfigError
+from methods.quant.dorefa import FULL_PRECISION
+from methods.quant.modules import FLOAT_BITS, BitSwitchable
+from methods.quant.ste import round_ste
+
+SHARED_KEY = "shared"
+
+
+def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
+    """Clip ``x`` to ``[0, |alpha|]`` and round it to ``2^bits - 1`` uniform steps (straight-through)."""
+    clip = alpha.abs()
+    levels = 2**bits - 1
+    # torch.where (not torch.minimum) so that alpha gets the whole gradient where x >= alpha, ties included.
+    clipped = torch.where(x < clip, torch.relu(x), clip)
+    return round_ste(clipped / clip * levels) / levels * clip
+
+
+class SwitchablePACT(BitSwitchable, nn.Module):
+    """PACT with one clipping level per bit-width (``switchable=False``: one level shared by all bit-widths).
+
+    No alpha is kept for 32 bits: that bit-width passes its input through unchanged, so an alpha would never
+    receive a gradient nor be deployed.
+    """
+
+    def __init__(self, bits_set: Iterable[int], init: float, switchable: bool = True) -> None:
+        super().__init__()
+        self.bits_set = tuple(sorted(set(int(b) for b in bits_set)))
+        self.switchable = switchable
+        quantized = [b for b in self.bits_set if b < FULL_PRECISION]
+        keys = [str(b) for b in quantized] if switchable else ([SHARED_KEY] if quantized else [])
+        self.alphas = nn.ParameterDict({key: nn.Parameter(torch.tensor(float(init))) for key in keys})
+        self.bits = self.bits_set[-1]
+
+    def set_bits(self, bits: int) -> None:
+        if int(bits) not in self.bits_set:
+            raise ConfigError(f"this model has no clipping level for {bits} bits; it was built for bits "
+                              f"{self.bits_set}")
+        self.bits = int(bits)
+
+    def alpha(self, bits: int) -> nn.Parameter:
+        """The clipping parameter used at ``bits`` (< 32)."""
+        return self.alphas[str(bits) if self.switchable else SHARED_KEY]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits >= FULL_PRECISION:
+            return x
+        return pact_quantize(x, self.alpha(self.bits), self.bits)
+
+    def storage_bits(self, bits: int) -> int:
+        return 0 if bits >= FULL_PRECISION else FLOAT_BITS
+
+    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
+        quantized = {b for b in bits_set if b < FULL_PRECISION}
+        if not self.switchable:
+            return FLOAT_BITS if quantized else 0
+        return FLOAT_BITS * len(quantized)
