@@ -1,0 +1,404 @@
+"""EMQ as an mbqbench method.
+
+Kim, An, Jeon, Ko, "Efficient Multi-bit Quantization Network Training via Weight Bias Correction and Bit-wise
+Coreset Sampling", NeurIPS 2025, arXiv 2510.20673 (spec: ``shared/specs/emq.md``).
+
+* Quantizers. CNNs: DoReFa weights and activations as Any-Precision (:mod:`methods.quant.dorefa`), every
+  bit-width re-quantizing the latent weights. ViTs (``deit_tiny``): StatsQ weights (:mod:`methods.quant.statsq`)
+  and LSQ input activations (:mod:`methods.quant.lsq`) on every linear layer but the classifier.
+* Weight bias correction (Eq. 2, :mod:`methods.quant.bias_correction`): at every forward pass below 32 bits,
+  ``w'_q = sqrt(V[w] / V[w_q]) (w_q + E[w] - E[w_q])`` against the 32-bit weight the same quantizer produces.
+* Shared BN (:mod:`methods.quant.shared_bn`): one BN for every bit-width except 1 bit (own BN); BN adaptation in
+  ``finalize`` stores running statistics per bit-width, including bit-widths never trained (``--eval-bits``).
+* Bit-wise coreset sampling (:mod:`methods.quant.coreset`). ``prepare`` is the scoring phase (Algorithm 2): per
+  bit-width, a copy of the freshly built network trains alone on the full training set for ``score_epochs``
+  epochs, recording every sample's softmax output each epoch (train mode, augmentation on); TDDS turns them into
+  a score per sample and bit-width. Its sample-passes are counted in EMQ's totals and the harness times it as the
+  ``prepare`` phase. ``epoch_indices`` draws each bit-width's coreset by temperature sampling (Eq. 3) from the
+  fixed scores, redrawn every ``resample_every`` epochs with a generator seeded by (run seed, epoch, bit-width),
+  so a resumed run draws the same coresets. ``prune=0`` skips all of it: the full-data multi-bit baseline.
+  Scores and draws are in ``state_dict`` (a resumed run never rescores) and in ``artifacts()`` (``tdds_scores``
+  and ``sampling_probabilities`` of shape (bit-widths, N), ``score_bits``, ``coreset_epochs``, and
+  ``coreset_indices`` of shape (draws, bit-widths, k)), which the harness saves as the cell's ``artifacts.pt``.
+* Training step (Algorithm 1, batch-wise): for each bit-width in descending order, that bit-width's batch,
+  cross-entropy (optionally Any-Precision's recursive distillation), backward; the harness steps once.
+
+Choices the sources leave open (UNRESOLVED), each a config option with its default:
+
+* ``prune=0.8`` (pruning rate r; the paper's headline setting), ``tau=0.5`` (Table 12's best);
+* ``score_epochs=10`` (paper: 10-20; at least 3, since a TDDS window needs two output changes);
+  ``scoring="bitwise"`` (Algorithm 2; ``batchwise``: one joint multi-bit run recording per-bit outputs, the
+  Table 7 ablation);
+* ``score_lr="constant"``: the scoring runs use the schedule's base lr, constant (their few epochs should show the
+  learning dynamics, which an annealed lr would flatten in exactly the late windows TDDS weighs most);
+  ``compressed``: the run's lr curve compressed into ``score_epochs``;
+* ``tdds_window=None`` (K = score_epochs - 1: one window, so beta only scales the score) and ``tdds_beta=0.9``;
+* ``sampling="softmax"`` (Eq. 3 as softmax(s / tau) of min-max normalized scores; ``power``: s^(1/tau) / sum);
+* ``resample_every=1`` (redraw every epoch; scores are computed once);
+* ``bias_correction="per_layer"`` (statistics per layer; ``per_channel``; ``off``), population variances;
+* ``shared_bn=True``; ``share_binary_bn=False`` (1 bit keeps its own BN unless forced, Table 10's ablation);
+  downsampling-shortcut BNs are EMQ BNs too (shared and adapted), since their input is the quantized activation;
+* ``bn_adapt_batches=100`` training batches per bit-width (fewer if the set is smaller; 0 disables BN adaptation,
+  and then untrained bit-widths cannot be evaluated);
+* ``distill="none"`` (``recursive``: Any-Precision's recursive distillation; when bit-widths train on different
+  coreset batches, the teacher's output on the student's batch comes from an extra forward pass without
+  gradient, not counted as a sample-pass);
+* ``act_bits=None`` (activations at the weight bit-width; e.g. 4: 4-bit activations at every weight bit-width
+  below 32, the paper's fixed-activation setting);
+* ``fp_shortcut=True`` (full-precision 1x1 shortcut convolutions, the Any-Precision code EMQ extends);
+  ``full_precision_act="relu"`` (32-bit activation as Any-Precision's code);
+* ViT: signed LSQ with one step per layer and bit-width, initialized to ``2 mean|x| / sqrt(Q_p)`` on the first
+  training batch (the LSQ paper); a bit-width never trained gets the same initialization from the first
+  adaptation batch in ``finalize``; 1 bit is refused (signed LSQ has no 1-bit form).
+
+Storage: DoReFa and StatsQ grids do not nest, so the switchable set stores the 32-bit latent weights; at b bits
+the integer codes plus the per-layer constants (with bias correction a fused scale and offset), BN with shared
+gamma/beta counted once and running statistics per bit-width.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness.config import MethodConfig, check_positive
+from harness.data import ImageSet
+from harness.errors import ConfigError, TrainingDiverged
+from harness.loader import derived_generator, epoch_batches, steps_per_epoch
+from harness.method import Batch, Method, RunContext
+from harness.models import CONVOLUTIONAL_MODELS, role_of
+from harness.optim import build_optimizers, set_lr
+from harness.registry import register_method
+from methods.anyprecision import create_fp_model
+from methods.quant.bias_correction import BiasCorrectedQuantizer
+from methods.quant.coreset import TDDSRecorder, coreset_size, draw_coreset, sampling_probabilities
+from methods.quant.distill import soft_cross_entropy
+from methods.quant.dorefa import FULL_PRECISION, dorefa_activation, dorefa_weight
+from methods.quant.lsq import LSQActivation
+from methods.quant.modules import QuantAct, QuantConv2d, WeightQuantizer, swap_modules
+from methods.quant.shared_bn import SharedBatchNorm2d, adapt_batchnorm
+from methods.quant.statsq import statsq_weight
+from methods.quant.vit import quantize_vit
+
+VIT_MODELS = ("deit_tiny",)
+# Streams of harness.loader.derived_generator; far from the loader's own (0, 1, 2, 3, ...).
+CORESET_STREAM = 1000
+# Scoring runs read their batches with seed + SCORING_SEED_STRIDE * (bits + 1): their own order and augmentation.
+SCORING_SEED_STRIDE = 7919
+
+
+@dataclass(frozen=True)
+class EMQConfig(MethodConfig):
+    width: float | None = None
+    prune: float = 0.8
+    tau: float = 0.5
+    score_epochs: int = 10
+    scoring: Literal["bitwise", "batchwise"] = "bitwise"
+    score_lr: Literal["constant", "compressed"] = "constant"
+    tdds_window: int | None = None
+    tdds_beta: float = 0.9
+    sampling: Literal["softmax", "power"] = "softmax"
+    resample_every: int = 1
+    bias_correction: Literal["per_layer", "per_channel", "off"] = "per_layer"
+    shared_bn: bool = True
+    share_binary_bn: bool = False
+    bn_adapt_batches: int = 100
+    distill: Literal["none", "recursive"] = "none"
+    act_bits: int | None = None
+    fp_shortcut: bool = True
+    full_precision_act: Literal["relu", "clamp"] = "relu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.width is not None:
+            check_positive("emq width", self.width)
+        if not 0 <= self.prune < 1:
+            raise ConfigError(f"emq prune must be in [0, 1), got {self.prune!r}")
+        check_positive("emq tau", self.tau)
+        # T epochs give T - 1 output changes; a window needs two of them, or its dispersion is 0 for every sample.
+        if self.score_epochs < 3:
+            raise ConfigError(f"emq score_epochs must be at least 3 (TDDS windows need two output changes), "
+                              f"got {self.score_epochs}")
+        if self.tdds_window is not None and not 2 <= self.tdds_window <= self.score_epochs - 1:
+            raise ConfigError(f"emq tdds_window must be in 2..score_epochs-1 = {self.score_epochs - 1}, "
+                              f"got {self.tdds_window}")
+        if not 0 < self.tdds_beta <= 1:
+            raise ConfigError(f"emq tdds_beta must be in (0, 1], got {self.tdds_beta!r}")
+        if self.resample_every < 1:
+            raise ConfigError(f"emq resample_every must be a positive integer, got {self.resample_every}")
+        if self.bn_adapt_batches < 0:
+            raise ConfigError(f"emq bn_adapt_batches must be non-negative, got {self.bn_adapt_batches}")
+        if self.act_bits is not None and not 1 <= self.act_bits <= FULL_PRECISION:
+            raise ConfigError(f"emq act_bits must be in 1..{FULL_PRECISION}, got {self.act_bits}")
+
+
+def emq_activation(x: torch.Tensor, bits: int, act_bits: int | None, full_precision_act: str) -> torch.Tensor:
+    """DoReFa activation at the weight bit-width, or at ``act_bits`` for every weight bit-width below 32."""
+    if act_bits is not None and bits < FULL_PRECISION:
+        bits = act_bits
+    return dorefa_activation(x, bits, full_precision_act)
+
+
+def scoring_lr_factor(schedule: Any, score_lr: str, epoch: int, index: int, steps: int, score_epochs: int) -> float:
+    """The lr multiplier of a scoring run at step ``index`` of scoring epoch ``epoch``."""
+    if score_lr == "constant":
+        return 1.0
+    progress = (epoch + index / max(1, steps)) * schedule.epochs / score_epochs
+    main_epoch = min(int(progress), schedule.epochs - 1)
+    return schedule.lr_factor(main_epoch, (progress - main_epoch) * steps, steps)
+
+
+@register_method("emq")
+class EMQ(Method):
+    """EMQ: bias-corrected DoReFa/StatsQ network, shared BN, bit-wise TDDS coresets, BN adaptation."""
+
+    supported_models = CONVOLUTIONAL_MODELS + VIT_MODELS
+    Config = EMQConfig
+    cfg: EMQConfig
+
+    def __init__(self, cfg: EMQConfig | None = None) -> None:
+        super().__init__(cfg)
+        self.seed = 0
+        self.score_bits: tuple[int, ...] = ()
+        self.scores: torch.Tensor | None = None  # (len(score_bits), N) TDDS scores
+        self.draws: dict[int, torch.Tensor] = {}  # first epoch of a draw -> (len(score_bits), k) int32 indices
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def check_eval_bits(self, bits: tuple[int, ...], eval_bits: tuple[int, ...]) -> None:
+        """Untrained bit-widths are servable after BN adaptation with shared BN (1 bit only if it has a BN)."""
+        untrained = sorted(set(eval_bits) - set(bits))
+        if not untrained:
+            return
+        if not self.cfg.shared_bn or self.cfg.bn_adapt_batches == 0:
+            raise ConfigError(f"emq evaluates untrained bit-widths {untrained} only with shared_bn=on and BN "
+                              f"adaptation (bn_adapt_batches > 0)")
+        if 1 in untrained and not self.cfg.share_binary_bn:
+            raise ConfigError("emq cannot evaluate 1 bit without training it: 1 bit has its own BN "
+                              "(train it, or force share_binary_bn=true)")
+
+    # -- building -----------------------------------------------------------------------------------------------
+    def _weight_quantizer(self, quantizer: WeightQuantizer) -> WeightQuantizer:
+        if self.cfg.bias_correction == "off":
+            return quantizer
+        return BiasCorrectedQuantizer(quantizer, self.cfg.bias_correction)
+
+    def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any,
+              width: float) -> nn.Module:
+        model = create_fp_model(model_name, num_classes, data_info, self.cfg.width or width)
+        if model_name in VIT_MODELS:
+            return self._build_vit(model, bits)
+        return self._build_cnn(model, bits)
+
+    def _build_cnn(self, model: nn.Module, bits: tuple[int, ...]) -> nn.Module:
+        cfg, top = self.cfg, max(bits)
+        quantizer = self._weight_quantizer(dorefa_weight)
+        activation = partial(emq_activation, act_bits=cfg.act_bits, full_precision_act=cfg.full_precision_act)
+        bn_mode = "shared" if cfg.shared_bn else "separate"
+
+        def conv_constants(conv: nn.Conv2d) -> int:
+            # DoReFa stores E; bias correction turns E (2q - 1) into a fused scale and offset.
+            if cfg.bias_correction == "off":
+                return 1
+            return 2 if cfg.bias_correction == "per_layer" else 2 * conv.out_channels
+
+        def swap(module: nn.Module) -> nn.Module | None:
+            role = role_of(module)
+            if role in ("input", "stem", "head") or (role == "shortcut" and cfg.fp_shortcut):
+                return module
+            if isinstance(module, nn.Conv2d):
+                return QuantConv2d.from_conv(module, weight_quantizer=quantizer, bits=top,
+                                             scales_per_layer=conv_constants(module))
+            if isinstance(module, nn.BatchNorm2d):
+                return SharedBatchNorm2d.from_norm(module, bits, bn_mode, cfg.share_binary_bn)
+            if isinstance(module, nn.ReLU):
+                return QuantAct(activation, bits=top)
+            return None
+
+        return swap_modules(model, swap)
+
+    def _build_vit(self, model: nn.Module, bits: tuple[int, ...]) -> nn.Module:
+        if 1 in bits or self.cfg.act_bits == 1:
+            raise ConfigError("emq on a ViT quantizes activations with signed LSQ, which has no 1-bit form; "
+                              "drop 1 from --bits")
+        # StatsQ stores a scale per output row; bias correction adds a fused offset per row.
+        per_output = 1 if self.cfg.bias_correction == "off" else 2
+        return quantize_vit(model, weight_quantizer=self._weight_quantizer(statsq_weight), bits=max(bits),
+                            act_bits=self.cfg.act_bits, scales_per_output=per_output)
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def _teacher(self, model: nn.Module, teacher_bits: int, teacher_batch: Batch, teacher_logits: torch.Tensor,
+                 student_batch: Batch) -> torch.Tensor:
+        """Softmax of the next-higher bit-width on the student's batch (detached)."""
+        if student_batch is teacher_batch:
+            return F.softmax(teacher_logits.detach(), dim=1)
+        self.set_bits(model, teacher_bits)
+        with torch.no_grad():
+            return F.softmax(model(student_batch.x), dim=1)
+
+    def train_bits(self, model: nn.Module, batch: Batch, bits: tuple[int, ...],
+                   ctx: RunContext) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
+        """Algorithm 1's inner loop over ``bits`` (descending): losses and each bit-width's detached logits."""
+        losses: dict[str, float] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        previous: tuple[int, Batch, torch.Tensor] | None = None
+        for b in sorted(bits, reverse=True):
+            data = batch.for_bits(b)
+            teacher = None
+            if self.cfg.distill == "recursive" and previous is not None:
+                teacher = self._teacher(model, previous[0], previous[1], previous[2], data)
+            self.set_bits(model, b)
+            logits = model(data.x)
+            loss = F.cross_entropy(logits, data.y) if teacher is None else soft_cross_entropy(logits, teacher)
+            loss.backward()
+            ctx.count_passes(b, len(data.y))
+            losses[f"loss_{b}"] = loss.item()
+            outputs[b] = logits.detach()
+            previous = (b, data, outputs[b])
+        return losses, outputs
+
+    def train_step(self, model: nn.Module, batch: Batch, ctx: RunContext) -> dict[str, float]:
+        return self.train_bits(model, batch, ctx.bits, ctx)[0]
+
+    # -- scoring phase (Algorithm 2) ----------------------------------------------------------------------------
+    @staticmethod
+    def scoring_seed(seed: int, bits: int) -> int:
+        """Seed of the batch stream a bit-wise scoring run reads (bit-widths never share a stream)."""
+        return seed + SCORING_SEED_STRIDE * (bits + 1)
+
+    def prepare(self, model: nn.Module, train_set: ImageSet, ctx: RunContext) -> None:
+        self.seed = ctx.seed
+        if self.cfg.prune == 0 or self.scores is not None:
+            return
+        bits = tuple(sorted(ctx.bits))
+        initial = copy.deepcopy(model)  # every scoring run starts from the main run's initialization
+        if self.cfg.scoring == "bitwise":
+            rows = [self.scoring_run(initial, train_set, (b,), self.scoring_seed(ctx.seed, b), ctx)[b]
+                    for b in bits]
+        else:
+            by_bits = self.scoring_run(initial, train_set, bits, self.scoring_seed(ctx.seed, 0), ctx)
+            rows = [by_bits[b] for b in bits]
+        self.score_bits = bits
+        self.scores = torch.stack(rows).float().cpu()
+        self.draws = {}
+
+    def scoring_run(self, initial: nn.Module, train_set: ImageSet, bits: tuple[int, ...], stream_seed: int,
+                    ctx: RunContext) -> dict[int, torch.Tensor]:
+        """Train a copy of ``initial`` on the full data at ``bits`` jointly; TDDS scores per bit-width."""
+        cfg, schedule = self.cfg, ctx.schedule
+        network = copy.deepcopy(initial)
+        network.train()
+        optimizers = build_optimizers(network, self.param_groups(network), schedule)
+        augment = bool(schedule.augment) and ctx.data_info is not None and ctx.data_info.augment != "none"
+        num_samples = len(train_set)
+        steps = steps_per_epoch(num_samples, schedule.batch_size)
+        recorders = {b: TDDSRecorder() for b in bits}
+        for epoch in range(cfg.score_epochs):
+            probabilities = {b: torch.zeros(num_samples, ctx.num_classes, device=ctx.device) for b in bits}
+            batches = epoch_batches(train_set, schedule.batch_size, stream_seed, epoch, augment, ctx.device)
+            label = f"emq scoring {'/'.join(map(str, bits))}-bit ep{epoch + 1}/{cfg.score_epochs}"
+            for index, batch in enumerate(tqdm(batches, total=steps, desc=label, leave=False,
+                                               disable=not ctx.show_progress, dynamic_ncols=True)):
+                set_lr(optimizers, scoring_lr_factor(schedule, cfg.score_lr, epoch, index, steps, cfg.score_epochs))
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                losses, outputs = self.train_bits(network, batch, bits, ctx)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise TrainingDiverged(f"emq scoring run at {bits} bits diverged in scoring epoch {epoch + 1} "
+                                           f"(try a lower --lr)")
+                for optimizer in optimizers:
+                    optimizer.step()
+                rows = batch.indices.to(ctx.device)
+                for b in bits:
+                    probabilities[b][rows] = F.softmax(outputs[b].float(), dim=1)
+            for b in bits:
+                recorders[b].add_epoch(probabilities[b])
+        return {b: recorders[b].scores(cfg.tdds_window, cfg.tdds_beta).cpu() for b in bits}
+
+    # -- coresets -----------------------------------------------------------------------------------------------
+    def probabilities(self) -> torch.Tensor:
+        """Selection probabilities (Eq. 3) per scored bit-width, ``(len(score_bits), N)``."""
+        if self.scores is None:
+            raise RuntimeError("emq has no scores yet: prepare() runs the scoring phase")
+        return torch.stack([sampling_probabilities(row, self.cfg.tau, self.cfg.sampling) for row in self.scores])
+
+    def draw(self, epoch: int) -> torch.Tensor:
+        """The coresets of the draw starting at ``epoch``: ``(len(score_bits), k)`` indices, deterministic."""
+        probabilities = self.probabilities()
+        size = coreset_size(probabilities.shape[1], self.cfg.prune)
+        rows = [draw_coreset(p, size, derived_generator(self.seed, epoch, CORESET_STREAM + b))
+                for p, b in zip(probabilities, self.score_bits)]
+        return torch.stack(rows)
+
+    def epoch_indices(self, epoch: int, train_set: ImageSet, bits: tuple[int, ...]) -> dict[int, torch.Tensor] | None:
+        if self.cfg.prune == 0:
+            return None
+        if self.scores is None:
+            raise RuntimeError("emq has no scores yet: prepare() runs the scoring phase")
+        if tuple(sorted(bits)) != self.score_bits:
+            raise ConfigError(f"emq scored bit-widths {self.score_bits}, asked for coresets of {tuple(bits)}")
+        if self.scores.shape[1] != len(train_set):
+            raise ConfigError(f"emq scored {self.scores.shape[1]} samples, the training set has {len(train_set)}")
+        start = epoch - epoch % self.cfg.resample_every
+        if start not in self.draws:
+            self.draws[start] = self.draw(start).to(torch.int32)  # int32 halves the checkpoint's history
+        return {b: self.draws[start][row].long() for row, b in enumerate(self.score_bits)}
+
+    # -- finalize: BN adaptation --------------------------------------------------------------------------------
+    def finalize(self, model: nn.Module, train_batches: Iterator[Batch], ctx: RunContext) -> None:
+        if self.cfg.bn_adapt_batches == 0:
+            return
+        bits = tuple(sorted(set(ctx.bits) | set(ctx.eval_bits or ())))
+        inputs = [batch.x for batch in itertools.islice(train_batches, self.cfg.bn_adapt_batches)]
+        if not inputs:
+            return
+        self.calibrate_untrained_steps(model, bits, inputs[0])
+        adapt_batchnorm(model, bits, inputs)
+
+    def calibrate_untrained_steps(self, model: nn.Module, bits: tuple[int, ...], x: torch.Tensor) -> None:
+        """LSQ steps of bit-widths never trained get LSQ's initialization from one batch (ViT only)."""
+        quantizers = [m for m in model.modules() if isinstance(m, LSQActivation)]
+        was_training = model.training
+        model.train()  # an uninitialized LSQ step initializes itself from its input in train mode
+        with torch.no_grad():
+            for b in bits:
+                if b < FULL_PRECISION and any(not bool(q.initialized[b - 1]) for q in quantizers):
+                    self.set_bits(model, b)
+                    model(x)
+        model.train(was_training)
+
+    # -- resumable state and artifacts ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "score_bits": list(self.score_bits), "scores": self.scores,
+                "draws": dict(self.draws)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = int(state.get("seed", 0))
+        self.score_bits = tuple(int(b) for b in state.get("score_bits", ()))
+        self.scores = state.get("scores")
+        self.draws = {int(k): v for k, v in state.get("draws", {}).items()}
+
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        """TDDS scores, selection probabilities and every coreset drawn so far (empty when ``prune=0``)."""
+        if self.scores is None:
+            return {}
+        epochs = sorted(self.draws)
+        size = coreset_size(self.scores.shape[1], self.cfg.prune)
+        indices = (torch.stack([self.draws[e] for e in epochs]) if epochs
+                   else torch.zeros(0, len(self.score_bits), size, dtype=torch.int32))
+        return {
+            "score_bits": torch.tensor(self.score_bits),
+            "tdds_scores": self.scores,
+            "sampling_probabilities": self.probabilities().float(),
+            "coreset_epochs": torch.tensor(epochs, dtype=torch.long),
+            "coreset_indices": indices,
+        }

@@ -1,0 +1,77 @@
+"""Weight bias correction of EMQ (Kim et al., NeurIPS 2025, arXiv 2510.20673, Eq. 2).
+
+For a quantized weight ``w_q`` of the full-precision reference ``w`` (the weight the 32-bit forward pass uses)::
+
+    w'_q = sqrt(V[w] / V[w_q]) * (w_q + (E[w] - E[w_q]))
+
+with E the mean and V the variance: ``w'_q`` has the variance of ``w`` at every bit-width, so one batch norm can
+follow all of them. Applied literally (as the spec asks), the scale multiplies the shifted weight, so the mean
+becomes ``sqrt(V[w] / V[w_q]) E[w]`` (equal to E[w] only when the scale is 1; latent weights are near zero-mean,
+so the difference is small). Choices the paper leaves open (each selectable by the caller):
+
+* statistics per layer (default) or per output channel (``granularity="per_channel"``);
+* population variance (divide by the count), the same estimator for both, so the corrected variance equals V[w]
+  exactly whichever estimator one checks it with;
+* statistics computed without gradient: the correction is an affine map with constant coefficients, and the
+  gradient reaches the latent weight through ``w_q`` (its straight-through estimator) times the constant scale;
+* a quantized tensor with no spread (V[w_q] = 0, e.g. one level only) keeps scale 1 rather than dividing by zero.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from methods.quant.modules import WeightQuantizer
+
+FULL_PRECISION = 32
+Granularity = Literal["per_layer", "per_channel"]
+# Below this variance a quantized tensor is treated as constant (its scale would blow up).
+MIN_VARIANCE = 1e-20
+
+
+def _stat_dims(weight: torch.Tensor, granularity: Granularity) -> tuple[int, ...]:
+    if granularity == "per_layer":
+        return tuple(range(weight.dim()))
+    return tuple(range(1, weight.dim()))  # dim 0 is the output channel of Conv2d and Linear weights
+
+
+def bias_correct(quantized: torch.Tensor, reference: torch.Tensor,
+                 granularity: Granularity = "per_layer") -> torch.Tensor:
+    """Eq. 2: ``sqrt(V[w] / V[w_q]) * (w_q + (E[w] - E[w_q]))`` element-wise, statistics without gradient."""
+    dims = _stat_dims(quantized, granularity)
+    with torch.no_grad():
+        mean_ref = reference.mean(dim=dims, keepdim=True)
+        var_ref = reference.var(dim=dims, correction=0, keepdim=True)
+        mean_q = quantized.mean(dim=dims, keepdim=True)
+        var_q = quantized.var(dim=dims, correction=0, keepdim=True)
+        scale = torch.where(var_q > MIN_VARIANCE, torch.sqrt(var_ref / var_q.clamp_min(MIN_VARIANCE)),
+                            torch.ones_like(var_q))
+        shift = mean_ref - mean_q
+    return scale * (quantized + shift)
+
+
+class BiasCorrectedQuantizer:
+    """``quantizer(w, bits)`` followed by Eq. 2 against ``quantizer(w, 32)`` for every bit-width below 32.
+
+    A plain callable object (not a module) so that :class:`methods.quant.modules.QuantConv2d` and
+    :class:`methods.quant.vit.QuantLinear` take it as their ``weight_quantizer`` and deep copies keep working.
+    """
+
+    def __init__(self, quantizer: WeightQuantizer, granularity: Granularity = "per_layer") -> None:
+        if granularity not in ("per_layer", "per_channel"):
+            raise ValueError(f"granularity must be per_layer or per_channel, got {granularity!r}")
+        self.quantizer = quantizer
+        self.granularity = granularity
+
+    def __call__(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
+        if bits >= FULL_PRECISION:
+            return self.quantizer(weight, FULL_PRECISION)
+        with torch.no_grad():
+            reference = self.quantizer(weight, FULL_PRECISION)
+        return bias_correct(self.quantizer(weight, bits), reference, self.granularity)
+
+    def __repr__(self) -> str:
+        name = getattr(self.quantizer, "__name__", repr(self.quantizer))
+        return f"BiasCorrectedQuantizer({name}, {self.granularity})"

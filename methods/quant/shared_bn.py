@@ -1,0 +1,140 @@
+"""EMQ's batch normalization: affine parameters shared across bit-widths, running statistics adapted per bit-width.
+
+Kim et al., "Efficient Multi-bit Quantization Network Training via Weight Bias Correction and Bit-wise Coreset
+Sampling" (NeurIPS 2025, arXiv 2510.20673), Sec. on BN sharing and BN adaptation:
+
+* one BN (gamma, beta and training-time running statistics) serves every bit-width except 1 bit, whose weight
+  distribution collapses to two values and gets its own BN (``share_binary=True`` forces 1 bit onto the shared
+  BN, the Table 10 ablation); ``mode="separate"`` gives every trained bit-width its own BN (Any-Precision style);
+* BN adaptation (:func:`adapt_batchnorm`): per bit-width, reset the running statistics, switch to the cumulative
+  average (momentum None), forward training batches in train mode without gradient, and store the resulting
+  mean/variance for that bit-width while gamma/beta stay shared. In eval mode a bit-width with adapted statistics
+  normalizes with them; this also makes bit-widths that were never trained servable.
+
+Adapted statistics live in fixed tables indexed by ``bits - 1`` (1..32), so the state dict has the same keys
+whichever bit-widths were adapted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.errors import ConfigError
+from methods.quant.modules import BitSwitchable, set_model_bits
+
+FLOAT_BITS = 32
+MAX_BITS = 32
+SHARED = "shared"
+BINARY = "binary"
+
+
+class SharedBatchNorm2d(BitSwitchable, nn.Module):
+    """Batch norm whose affine parameters are shared by groups of bit-widths (see the module docstring)."""
+
+    def __init__(self, num_features: int, bits_set: Iterable[int], mode: str = "shared", share_binary: bool = False,
+                 eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+        super().__init__()
+        if mode not in ("shared", "separate"):
+            raise ValueError(f"mode must be shared or separate, got {mode!r}")
+        self.bits_set = tuple(sorted({int(b) for b in bits_set}))
+        self.mode = mode
+        self.share_binary = share_binary
+        groups = sorted({self._group(b) for b in self.bits_set})
+        self.norms = nn.ModuleDict({g: nn.BatchNorm2d(num_features, eps, momentum) for g in groups})
+        self.register_buffer("adapted_mean", torch.zeros(MAX_BITS, num_features))
+        self.register_buffer("adapted_var", torch.ones(MAX_BITS, num_features))
+        self.register_buffer("adapted", torch.zeros(MAX_BITS, dtype=torch.bool))
+        self.bits = self.bits_set[-1]
+
+    @classmethod
+    def from_norm(cls, norm: nn.BatchNorm2d, bits_set: Iterable[int], mode: str = "shared",
+                  share_binary: bool = False) -> SharedBatchNorm2d:
+        return cls(norm.num_features, bits_set, mode, share_binary, norm.eps, norm.momentum)
+
+    def _group(self, bits: int) -> str:
+        if self.mode == "separate":
+            return str(bits)
+        return BINARY if bits == 1 and not self.share_binary else SHARED
+
+    def serves(self, bits: int) -> bool:
+        """Whether a BN exists for ``bits`` (the shared one covers untrained bit-widths above 1)."""
+        return 1 <= bits <= MAX_BITS and self._group(bits) in self.norms
+
+    def set_bits(self, bits: int) -> None:
+        if not self.serves(int(bits)):
+            raise ConfigError(f"this model has no batch norm for {bits} bits (built for bits {self.bits_set}, "
+                              f"BN mode {self.mode}{', 1-bit separate' if not self.share_binary else ''})")
+        self.bits = int(bits)
+
+    def norm_for(self, bits: int) -> nn.BatchNorm2d:
+        return self.norms[self._group(bits)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm_for(self.bits)
+        row = self.bits - 1
+        if self.training or not bool(self.adapted[row]):
+            return norm(x)
+        return F.batch_norm(x, self.adapted_mean[row], self.adapted_var[row], norm.weight, norm.bias, False, 0.0,
+                            norm.eps)
+
+    def store_adapted(self, bits: int) -> None:
+        """Keep the active BN's running statistics as the adapted statistics of ``bits``."""
+        norm = self.norm_for(bits)
+        with torch.no_grad():
+            self.adapted_mean[bits - 1] = norm.running_mean
+            self.adapted_var[bits - 1] = norm.running_var
+            self.adapted[bits - 1] = True
+
+    # -- storage: gamma/beta once per group, running mean/var per bit-width ----------------------------------
+    def storage_bits(self, bits: int) -> int:
+        return 4 * self.norm_for(bits).num_features * FLOAT_BITS
+
+    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
+        bits_set = tuple(bits_set)
+        groups = {self._group(b) for b in bits_set}
+        return sum(2 * self.norms[g].num_features * FLOAT_BITS for g in groups) + sum(
+            2 * self.norm_for(b).num_features * FLOAT_BITS for b in bits_set)
+
+
+def shared_norms(model: nn.Module) -> list[SharedBatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, SharedBatchNorm2d)]
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, bits: Sequence[int], inputs: Sequence[torch.Tensor]) -> None:
+    """BN adaptation: per bit-width, cumulative running statistics over ``inputs`` in train mode, stored per bit.
+
+    No gradient and no weight change; every BN's training-time running statistics and momentum are restored
+    afterwards, so the only effect is the per-bit tables. The model is left in its previous mode.
+    """
+    norms = shared_norms(model)
+    if not norms or not inputs:
+        return
+    saved = {id(bn): (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone(), bn.momentum)
+             for m in norms for bn in m.norms.values()}
+    was_training = model.training
+    model.train()
+    try:
+        for b in bits:
+            set_model_bits(model, b)
+            for m in norms:
+                norm = m.norm_for(b)
+                norm.reset_running_stats()
+                norm.momentum = None  # cumulative moving average over the adaptation batches
+            for x in inputs:
+                model(x)
+            for m in norms:
+                m.store_adapted(b)
+    finally:
+        for m in norms:
+            for bn in m.norms.values():
+                mean, var, tracked, momentum = saved[id(bn)]
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(tracked)
+                bn.momentum = momentum
+        model.train(was_training)

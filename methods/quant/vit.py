@@ -1,0 +1,87 @@
+"""Quantized linear layers for vision transformers and the swap that quantizes a timm ViT.
+
+EMQ's ViT setting (spec ``emq.md`` Sec. 1): every ``nn.Linear`` except the classifier (role ``"head"``) gets
+quantized weights (StatsQ, :mod:`methods.quant.statsq`, optionally bias-corrected) and an LSQ quantizer on its
+input (:mod:`methods.quant.lsq`); the patch-embedding convolution (role ``"stem"``) and the layer norms stay full
+precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.models import role_of
+from methods.quant.lsq import LSQActivation
+from methods.quant.modules import BitSwitchable, WeightQuantizer, swap_modules
+
+FLOAT_BITS = 32
+
+
+class QuantLinear(BitSwitchable, nn.Linear):
+    """``nn.Linear`` with ``weight_quantizer(weight, bits)`` on its weight and an optional input quantizer.
+
+    ``scales_per_layer`` is the number of 32-bit constants deployment at a bit-width below 32 stores beside the
+    integer codes (StatsQ's per-row scale; with bias correction a fused per-row scale and offset).
+    ``total_weight_bits``: bits per weight that the switchable set stores (32: the latent weights).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weight_quantizer: WeightQuantizer, input_quantizer: nn.Module | None = None,
+                 bits: int = FLOAT_BITS, scales_per_layer: int = 0, total_weight_bits: int = FLOAT_BITS) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.bits = bits
+        self.scales_per_layer = scales_per_layer
+        self.total_weight_bits = total_weight_bits
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> QuantLinear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight, self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def _fixed_bits(self) -> int:
+        return 0 if self.bias is None else self.bias.numel() * FLOAT_BITS
+
+    def storage_bits(self, bits: int) -> int:
+        scales = self.scales_per_layer * FLOAT_BITS if bits < FLOAT_BITS else 0
+        act = self.input_quantizer.storage_bits(bits) if self.input_quantizer is not None else 0
+        return self.weight.numel() * min(bits, FLOAT_BITS) + scales + self._fixed_bits() + act
+
+    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
+        bits_set = tuple(bits_set)
+        act = self.input_quantizer.storage_bits_total(bits_set) if self.input_quantizer is not None else 0
+        return self.weight.numel() * self.total_weight_bits + self._fixed_bits() + act
+
+
+def quantize_vit(model: nn.Module, *, weight_quantizer: WeightQuantizer, bits: int, act_bits: int | None,
+                 scales_per_output: int) -> nn.Module:
+    """Swap every non-head ``nn.Linear`` of ``model`` for a :class:`QuantLinear` with an LSQ input, in place.
+
+    ``scales_per_output``: 32-bit constants stored per output row at a quantized bit-width (for storage).
+    """
+
+    def swap(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, nn.Linear) and role_of(module) != "head":
+            return QuantLinear.from_linear(module, weight_quantizer=weight_quantizer,
+                                           input_quantizer=LSQActivation(bits, act_bits), bits=bits,
+                                           scales_per_layer=scales_per_output * module.out_features)
+        return None
+
+    return swap_modules(model, swap)
