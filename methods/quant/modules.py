@@ -25,6 +25,15 @@ ActQuantizer = Callable[[torch.Tensor, int], torch.Tensor]
 FLOAT_BITS = 32
 
 
+@torch.no_grad()
+def copy_weight_and_bias(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Give ``target`` (a quantized layer) the initial weight and bias of ``source`` (its full-precision twin)."""
+    target.weight.copy_(source.weight)
+    if source.bias is not None:
+        target.bias.copy_(source.bias)
+    return target
+
+
 class BitSwitchable:
     """Marker base for layers whose behaviour depends on the active bit-width."""
 
@@ -71,11 +80,7 @@ class QuantConv2d(BitSwitchable, nn.Conv2d):
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, **kwargs,
         )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer
+        return copy_weight_and_bias(conv, layer)
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight, self.bits)

@@ -34,7 +34,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from methods.quant.dorefa import FULL_PRECISION
-from methods.quant.modules import FLOAT_BITS, BitSwitchable
+from methods.quant.modules import FLOAT_BITS, BitSwitchable, copy_weight_and_bias
 from methods.quant.pact import SwitchablePACT
 
 WeightBitsRule = Literal["same", "highest", "max8"]
@@ -140,11 +140,7 @@ class SATConv2d(SATLayer, nn.Conv2d):
         """A quantized copy of ``conv`` with the same shape and initial weights."""
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer
+        return copy_weight_and_bias(conv, layer)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the convolution uses at the current bit-width (quantized, then rescaled if enabled)."""
@@ -177,11 +173,7 @@ class SATLinear(SATLayer, nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> SATLinear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        return copy_weight_and_bias(linear, layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:

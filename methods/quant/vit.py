@@ -16,7 +16,7 @@ from torch import nn
 
 from harness.models import role_of
 from methods.quant.lsq import LSQActivation
-from methods.quant.modules import BitSwitchable, WeightQuantizer, swap_modules
+from methods.quant.modules import BitSwitchable, WeightQuantizer, copy_weight_and_bias, swap_modules
 
 FLOAT_BITS = 32
 
@@ -42,11 +42,7 @@ class QuantLinear(BitSwitchable, nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> QuantLinear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        return copy_weight_and_bias(linear, layer)
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight, self.bits)
