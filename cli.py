@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from harness.config import RunSpec, Schedule, parse_bits
+from harness.config import RunSpec, Schedule, parse_bits, parse_budget
 from harness.errors import ConfigError, MbqError
 
 DEFAULTS = Schedule()
@@ -35,19 +35,103 @@ def cli() -> None:
     training cost (device-hours, sample-passes) and storage."""
 
 
+def runtime_options(command):
+    """Options on how the schedule executes (they change speed; --amp also changes the numbers)."""
+    options = [
+        click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True,
+                     help="bf16 autocast for convolutions and matmuls (CUDA, or CPU where supported)."),
+        click.option("--channels-last", is_flag=True, help="NHWC memory format for the model and the batches."),
+        click.option("--compile", "compile_model", is_flag=True,
+                     help="torch.compile the model in place (one graph per bit-width)."),
+        click.option("--data-on", "data_placement", type=click.Choice(["auto", "device", "host"]), default="auto",
+                     show_default=True,
+                     help="Hold in-memory data sets on the GPU and augment there (auto: on CUDA only)."),
+        click.option("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's choice; 1 per process avoids oversubscription)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def executor_options(command):
+    """Where the cells run: this process, or one submitit job per (method, seed) cell."""
+    options = [
+        click.option("--executor", type=click.Choice(["local", "submitit"]), default="local", show_default=True,
+                     help="local: cells one after another here; submitit: one job per (method, seed) cell "
+                          "(Slurm array, or local processes), each resumable; results gathered into one table."),
+        click.option("--cluster", default=None,
+                     help="submitit cluster: slurm, local or debug (default: Slurm when available, else local)."),
+        click.option("--partition", default=None, help="Slurm partition (submitit)."),
+        click.option("--timeout-min", type=int, default=None, help="Per-job time limit in minutes (submitit)."),
+        click.option("--gpus-per-node", type=int, default=None, help="GPUs per job (submitit)."),
+        click.option("--cpus-per-task", type=int, default=None, help="CPUs per job (submitit)."),
+        click.option("--mem-gb", type=float, default=None, help="Memory per job in GB (submitit)."),
+        click.option("--array-parallelism", type=int, default=None, help="Slurm: most array jobs at once."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _executor_options(kwargs: dict) -> dict:
+    keys = ("cluster", "partition", "timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism")
+    return {key: kwargs.pop(key) for key in keys}
+
+
+def _runtime_fields(kwargs: dict) -> dict:
+    threads = kwargs.pop("threads")
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be a positive integer, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    return {"amp": kwargs.pop("amp"), "channels_last": kwargs.pop("channels_last"),
+            "compile": kwargs.pop("compile_model"), "data_placement": kwargs.pop("data_placement")}
+
+
+def _echo_for(quiet: bool):
+    from harness import distributed
+
+    if quiet or not distributed.is_writer():
+        return lambda _: None
+    return lambda msg: click.echo(msg, err=True)
+
+
+def _join_torchrun(device: str) -> None:
+    """Under torchrun, join the process group before any output so that only rank 0 writes and prints."""
+    from harness import distributed
+    from harness.train import resolve_device
+
+    distributed.init_from_environment(resolve_device(device).type)
+
+
+def _print(text: str) -> None:
+    from harness import distributed
+
+    if distributed.is_writer():
+        click.echo(text)
+
+
 @cli.command()
-@click.option("--methods", default="anyprecision,dedicated", show_default=True,
+@click.option("--methods", default="emq,mbquant", show_default=True,
               help="Comma-separated method specs NAME[:KEY=VALUE...]; the same method may appear with different "
                    "options (e.g. anyprecision,anyprecision:width=5). See `list methods`.")
 @click.option("--dataset", default="digits", show_default=True, help="Data set name (see `list datasets`).")
 @click.option("--data-root", default=None, help="Folder holding the data set files (default: per data set).")
 @click.option("--model", default="resnet20", show_default=True, help="Model name (see `list models`).")
 @click.option("--width", type=float, default=1.0, show_default=True, help="Channel width multiplier of the model.")
-@click.option("--bits", default="2,4,8,32", show_default=True, help="Bit-widths to train and evaluate (1..32).")
+@click.option("--bits", default="2,4,8", show_default=True,
+              help="Bit-widths to train and evaluate (1..32; MBQuant needs even ones, 32 is full precision).")
 @click.option("--eval-bits", default=None,
               help="Bit-widths to evaluate after training (default: --bits); untrained ones only for methods that "
                    "support them (e.g. EMQ after BN adaptation).")
-@click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True, help="Training epochs.")
+@click.option("--epochs", type=int, default=20, show_default=True,
+              help="Training epochs (under --budget: the length the lr curve is shaped over).")
+@click.option("--budget", default=None,
+              help="Equal-cost training: KIND=AMOUNT with KIND sample-passes or device-hours. Every method trains "
+                   "until it has spent that much (its prepare phase included), its lr curve stretched to the budget.")
 @click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Training batch size.")
 @click.option("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size, show_default=True,
               help="Evaluation batch size.")
@@ -62,7 +146,7 @@ def cli() -> None:
 @click.option("--warmup-epochs", type=int, default=DEFAULTS.warmup_epochs, show_default=True,
               help="Linear warm-up epochs.")
 @click.option("--no-augment", is_flag=True, help="Turn off the data set's standard training augmentation.")
-@click.option("--seed", "seeds", default="0", show_default=True,
+@click.option("--seeds", "--seed", "seeds", default="0", show_default=True,
               help="Seed, or comma-separated seeds (each method runs once per seed).")
 @click.option("--train-subset", type=int, default=None,
               help="Train on this many training samples (fixed random subset), e.g. for CPU runs.")
@@ -73,14 +157,20 @@ def cli() -> None:
               help="Run folder (default results/runs/<dataset>-<model>-<hash of the settings>). Running the same "
                    "command again resumes a killed run from its last completed epoch.")
 @click.option("--quiet", is_flag=True, help="No progress bars or status lines.")
-def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, batch_size, eval_batch_size,
+@runtime_options
+@executor_options
+def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, budget, batch_size, eval_batch_size,
             optimizer, lr, lr_schedule, milestones, gamma, momentum, weight_decay, warmup_epochs, no_augment, seeds,
-            train_subset, test_subset, device, baseline, out, quiet) -> None:
+            train_subset, test_subset, device, baseline, out, quiet, executor, **kwargs) -> None:
     """Train every method under one identical schedule and print a table of top-1 per bit-width, storage and
-    cost. Writes spec.json, env.json, log.csv, summary.csv, table.md/.tex, accuracy.png and checkpoints."""
+    cost. Writes spec.json, env.json, log.csv, summary.csv, stats.csv, table.md/.tex, accuracy.png, pareto.png
+    and checkpoints. Under `torchrun --nproc_per_node N cli.py compare ...` training is data-parallel."""
     from harness.compare import run_comparison
 
-    schedule = Schedule(
+    budget_kind, budget_amount = parse_budget(budget) if budget is not None else (None, None)
+    runtime = _runtime_fields(kwargs)
+    options = _executor_options(kwargs)
+    schedule = Schedule(budget_kind=budget_kind, budget=budget_amount,
         epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, optimizer=optimizer, lr=lr,
         momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule,
         milestones=_parse_ints(milestones, "--milestones"), gamma=gamma, warmup_epochs=warmup_epochs,
@@ -91,11 +181,13 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
     spec = RunSpec(methods=method_specs, dataset=dataset, model=model, width=width, bits=parse_bits(bits),
                    eval_bits=parse_bits(eval_bits) if eval_bits is not None else None,
                    seeds=_parse_ints(seeds, "--seed"), schedule=schedule, data_root=data_root,
-                   train_subset=train_subset, test_subset=test_subset, device=device, baseline=baseline)
+                   train_subset=train_subset, test_subset=test_subset, device=device, baseline=baseline,
+                   **runtime)
     out = out if out is not None else default_out(spec)
-    echo = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    _, markdown = run_comparison(spec, out, show_progress=not quiet, echo=echo)
-    click.echo(markdown)
+    _join_torchrun(device)
+    _, markdown = run_comparison(spec, out, show_progress=not quiet, echo=_echo_for(quiet), executor=executor,
+                                 executor_options=options)
+    _print(markdown)
 
 
 @cli.command()
@@ -103,14 +195,18 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
 @click.option("--data-root", default=None, help="Folder holding the preset's data set (see `list presets`).")
 @click.option("--epochs", type=int, default=None,
               help="Shorten the schedule to this many epochs (milestones scale); the table then says so.")
-@click.option("--seed", "seeds", default="0", show_default=True, help="Seed or comma-separated seeds.")
+@click.option("--seeds", "--seed", "seeds", default="0", show_default=True,
+              help="Seed or comma-separated seeds (e.g. 0,1,2: mean, std and bootstrap intervals).")
 @click.option("--train-subset", type=int, default=None, help="Train on this many samples (a fixed subset).")
 @click.option("--test-subset", type=int, default=None, help="Evaluate on this many test samples.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder (default results/runs/<preset>-<hash of the settings>); rerunning resumes.")
 @click.option("--quiet", is_flag=True, help="No progress bars or status lines.")
-def reproduce(preset_name, data_root, epochs, seeds, train_subset, test_subset, device, out, quiet) -> None:
+@runtime_options
+@executor_options
+def reproduce(preset_name, data_root, epochs, seeds, train_subset, test_subset, device, out, quiet, executor,
+              **kwargs) -> None:
     """Run a paper preset (`list presets`) and print published vs measured numbers per bit-width with the gap."""
     from harness.compare import run_comparison
     from harness.presets import get_preset
@@ -119,16 +215,19 @@ def reproduce(preset_name, data_root, epochs, seeds, train_subset, test_subset, 
 
     preset = get_preset(preset_name)
     spec = preset.run_spec(epochs=epochs, seeds=_parse_ints(seeds, "--seed"), data_root=data_root,
-                           train_subset=train_subset, test_subset=test_subset, device=device)
+                           train_subset=train_subset, test_subset=test_subset, device=device,
+                           **_runtime_fields(kwargs))
+    options = _executor_options(kwargs)
     if out is None:
         digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:10]
         out = Path("results") / "runs" / f"{preset.name}-{digest}"
-    echo = (lambda _: None) if quiet else (lambda msg: click.echo(msg, err=True))
-    records, markdown = run_comparison(spec, out, show_progress=not quiet, echo=echo)
+    _join_torchrun(device)
+    records, markdown = run_comparison(spec, out, show_progress=not quiet, echo=_echo_for(quiet),
+                                       executor=executor, executor_options=options)
     text = reproduce_markdown(preset, records, spec.schedule.epochs)
     atomic_write_text(out / "reproduce.md", text)
-    click.echo(markdown)
-    click.echo(text)
+    _print(markdown)
+    _print(text)
 
 
 @cli.command("list")

@@ -18,6 +18,23 @@ from harness.errors import ConfigError
 MAX_BITS = 32
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
+BUDGET_KINDS = ("sample-passes", "device-hours")
+AMP_MODES = ("off", "bf16")
+DATA_PLACEMENTS = ("auto", "device", "host")
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """Parse ``"sample-passes=2e6"`` or ``"device-hours=0.5"`` into (kind, positive amount)."""
+    kind, sep, amount = str(text).partition("=")
+    kind = kind.strip()
+    if not sep or kind not in BUDGET_KINDS:
+        raise ConfigError(f"--budget must be KIND=AMOUNT with KIND one of {', '.join(BUDGET_KINDS)}, got {text!r}")
+    try:
+        value = float(amount)
+    except ValueError:
+        raise ConfigError(f"--budget amount must be a number, got {amount.strip()!r}") from None
+    check_positive(f"--budget {kind}", value)
+    return kind, value
 
 
 def parse_bits(text: str) -> tuple[int, ...]:
@@ -101,6 +118,8 @@ class Schedule(JsonConfig):
     gamma: float = 0.1
     warmup_epochs: int = 0
     augment: bool = True
+    budget_kind: str | None = None
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -123,6 +142,17 @@ class Schedule(JsonConfig):
             raise ConfigError(f"milestones must be epochs in 1..{self.epochs - 1}, got {self.milestones!r}")
         if self.lr_schedule == "step" and not self.milestones:
             raise ConfigError("the step lr schedule needs milestones (e.g. --milestones 100,150)")
+        if (self.budget_kind is None) != (self.budget is None):
+            raise ConfigError("a budget needs both a kind and an amount (e.g. --budget sample-passes=2e6)")
+        if self.budget_kind is not None:
+            if self.budget_kind not in BUDGET_KINDS:
+                raise ConfigError(f"unknown budget kind {self.budget_kind!r}; choose one of {', '.join(BUDGET_KINDS)}")
+            check_positive("budget", self.budget)
+
+    @property
+    def max_budget_epochs(self) -> int:
+        """Under a budget, training stops with an error if the budget is not spent after this many epochs."""
+        return 100 * self.epochs
 
     def lr_factor(self, epoch: int, index: int, steps_in_epoch: int) -> float:
         """Multiplier of each parameter group's base lr at step ``index`` of ``epoch`` (both 0-based), per iteration.
@@ -133,10 +163,22 @@ class Schedule(JsonConfig):
         progress_epochs = epoch + index / max(1, steps_in_epoch)
         if progress_epochs < self.warmup_epochs:
             return (epoch * steps_in_epoch + index + 1) / (self.warmup_epochs * steps_in_epoch)
+        return self._factor_after_warmup(progress_epochs)
+
+    def lr_factor_at_fraction(self, fraction: float) -> float:
+        """The lr multiplier when ``fraction`` of a cost budget is spent: the schedule's curve over ``epochs``
+        stretched onto the budget, so every method ends its (annealed) schedule exactly when its budget runs out.
+        """
+        progress_epochs = min(max(fraction, 0.0), 1.0) * self.epochs
+        if progress_epochs < self.warmup_epochs:
+            return max(progress_epochs / self.warmup_epochs, 1e-3)
+        return self._factor_after_warmup(progress_epochs)
+
+    def _factor_after_warmup(self, progress_epochs: float) -> float:
         if self.lr_schedule == "constant":
             return 1.0
         if self.lr_schedule == "step":
-            return self.gamma ** sum(epoch >= m for m in self.milestones)
+            return self.gamma ** sum(progress_epochs >= m for m in self.milestones)
         progress = (progress_epochs - self.warmup_epochs) / (self.epochs - self.warmup_epochs)
         if self.lr_schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -167,6 +209,10 @@ class RunSpec(JsonConfig):
     test_subset: int | None = None
     device: str = "auto"
     baseline: str | None = None
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    data_placement: str = "auto"
 
     @property
     def evaluated_bits(self) -> tuple[int, ...]:
@@ -191,6 +237,14 @@ class RunSpec(JsonConfig):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"unknown --amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}")
+        if self.data_placement not in DATA_PLACEMENTS:
+            raise ConfigError(f"unknown --data-on placement {self.data_placement!r}; "
+                              f"choose one of {', '.join(DATA_PLACEMENTS)}")
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.baseline is not None and self.baseline not in self.methods:
             raise ConfigError(f"baseline {self.baseline!r} is not one of the compared methods")
 

@@ -57,16 +57,34 @@ class PhaseTimer:
     def __init__(self, device: torch.device, seconds: dict[str, float] | None = None) -> None:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float, seconds or {})
+        self._running_since: float | None = None
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Time one phase. On CUDA the phase is bracketed by CUDA events on the current stream (after a device
+        synchronization, so the events measure the phase's work, not earlier queued kernels)."""
         synchronize(self.device)
         start = time.perf_counter()
+        events = None
+        if self.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        self._running_since = start
         try:
             yield
         finally:
-            synchronize(self.device)
-            self.seconds[name] += time.perf_counter() - start
+            self._running_since = None
+            if events is not None:
+                events[1].record()
+                events[1].synchronize()
+                self.seconds[name] += events[0].elapsed_time(events[1]) / 1000.0
+            else:
+                self.seconds[name] += time.perf_counter() - start
+
+    def total_seconds(self) -> float:
+        """Seconds of every phase so far, the running one included (host clock for the running part)."""
+        running = time.perf_counter() - self._running_since if self._running_since is not None else 0.0
+        return sum(self.seconds.values()) + running
 
     def hours(self, num_devices: int = 1) -> dict[str, float]:
         return {name: self.seconds.get(name, 0.0) * num_devices / 3600.0 for name in PHASES}

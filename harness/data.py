@@ -122,6 +122,11 @@ class ImageSet(abc.ABC):
         ``augment=False`` gives the deterministic eval view.
         """
 
+    def on_device(self, device: torch.device) -> ImageSet | None:
+        """A copy held in ``device`` memory whose batches come out there (augmentation included), or ``None``
+        if this split cannot be held there (files read lazily)."""
+        return None
+
 
 @dataclass(frozen=True)
 class DataBundle:
@@ -158,11 +163,17 @@ class TensorImageSet(ImageSet):
     def get_batch(
         self, indices: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        batch = self.images[_as_index(indices)]
+        batch = self.images[_as_index(indices).to(self.images.device)]
         batch = batch.to(torch.float32) / 255.0 if batch.dtype == torch.uint8 else batch.to(torch.float32)
         if augment and self.augment == "crop_flip":
+            # The crop offsets and flips are drawn on the CPU generator (3 x B numbers) and applied where the
+            # images live, so the device path sees exactly the CPU path's augmentation.
             batch = augment_crop_flip(batch, _require_generator(generator))
         return batch
+
+    def on_device(self, device: torch.device) -> TensorImageSet:
+        # Labels stay on the CPU: methods index and count them there; the loader moves each batch's labels.
+        return TensorImageSet(self.images.to(device), self.labels, self.augment)
 
 
 class SubsetImageSet(ImageSet):
@@ -177,6 +188,13 @@ class SubsetImageSet(ImageSet):
         self, indices: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         return self.base.get_batch(self.indices[_as_index(indices)], augment=augment, generator=generator)
+
+    def on_device(self, device: torch.device) -> ImageSet | None:
+        base = self.base.on_device(device)
+        if not isinstance(base, TensorImageSet):
+            return None
+        # Materialized: a subset held on the device is usually a small fraction of the base split.
+        return TensorImageSet(base.images[self.indices.to(device)], self.labels, base.augment)
 
 
 class FolderImageSet(ImageSet):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from harness.data import ImageSet
+from harness.runtime import Runtime
 
 
 @torch.no_grad()
 def evaluate_bits(model: nn.Module, method, test_set: ImageSet, bits: tuple[int, ...], batch_size: int,
-                  device: torch.device) -> dict[int, dict[str, float]]:
+                  device: torch.device, runtime: Runtime | None = None) -> dict[int, dict[str, float]]:
     """``{bits: {"top1": %, "top5": %}}``; top-5 is top-k with k = min(5, number of classes)."""
     model.eval()
     results: dict[int, dict[str, float]] = {}
@@ -19,9 +22,10 @@ def evaluate_bits(model: nn.Module, method, test_set: ImageSet, bits: tuple[int,
         method.set_bits(model, b)
         correct1 = correct5 = 0
         for chunk in torch.split(order, batch_size):
-            x = test_set.get_batch(chunk).to(device)
+            x = runtime.prepare_input(test_set.get_batch(chunk)) if runtime else test_set.get_batch(chunk).to(device)
             y = test_set.labels[chunk].to(device)
-            logits = model(x)
+            with runtime.autocast() if runtime else contextlib.nullcontext():
+                logits = model(x)
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             hits = top.eq(y.unsqueeze(1))

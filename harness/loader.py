@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
+from harness import distributed
 from harness.data import ImageSet
 from harness.method import Batch
 
@@ -30,12 +31,20 @@ def _chunks(indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def _stream(dataset: ImageSet, indices: torch.Tensor, batch_size: int, seed: int, epoch: int, stream: int,
-            augment: bool, device: torch.device) -> Iterator[Batch]:
+            augment: bool, device: torch.device, channels_last: bool) -> Iterator[Batch]:
     order = indices[torch.randperm(len(indices), generator=derived_generator(seed, epoch, ORDER_STREAM + stream))]
     aug_generator = derived_generator(seed, epoch, AUGMENT_STREAM + stream)
     for chunk in _chunks(order, batch_size):
         x = dataset.get_batch(chunk, augment=augment, generator=aug_generator)
-        yield Batch(x.to(device, non_blocking=True), dataset.labels[chunk].to(device, non_blocking=True), chunk)
+        if distributed.is_active():
+            # Every rank draws the whole global batch's augmentation so its generator stays in step with the
+            # other ranks', then keeps its own share (folder data sets thus decode the whole batch on every rank).
+            keep = distributed.shard(torch.arange(len(chunk)))
+            chunk, x = chunk[keep], x[keep.to(x.device)]
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield Batch(x, dataset.labels[chunk].to(device, non_blocking=True), chunk)
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
@@ -43,16 +52,18 @@ def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
 
 
 def epoch_batches(dataset: ImageSet, batch_size: int, seed: int, epoch: int, augment: bool, device: torch.device,
-                  per_bits: dict[int, torch.Tensor] | None = None) -> Iterator[Batch]:
+                  per_bits: dict[int, torch.Tensor] | None = None, channels_last: bool = False) -> Iterator[Batch]:
     """Batches of one epoch: all samples shuffled, or (``per_bits``) one stream per bit-width zipped together.
 
-    Per-bit streams stop with the shortest; the common batch is the highest bit-width's.
+    Per-bit streams stop with the shortest; the common batch is the highest bit-width's. Under ``torchrun`` each
+    rank gets its share of every global batch (:func:`harness.distributed.shard`).
     """
     if per_bits is None:
-        yield from _stream(dataset, torch.arange(len(dataset)), batch_size, seed, epoch, 0, augment, device)
+        yield from _stream(dataset, torch.arange(len(dataset)), batch_size, seed, epoch, 0, augment, device,
+                           channels_last)
         return
     bits = sorted(per_bits)
-    streams = [_stream(dataset, per_bits[b], batch_size, seed, epoch, 2 * (i + 1), augment, device)
+    streams = [_stream(dataset, per_bits[b], batch_size, seed, epoch, 2 * (i + 1), augment, device, channels_last)
                for i, b in enumerate(bits)]
     for batches in zip(*streams):
         by_bits = dict(zip(bits, batches))

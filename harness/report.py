@@ -42,7 +42,8 @@ def summary_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 def check_same_schedule(records: Sequence[dict[str, Any]], allow_mixed: bool = False) -> None:
-    keys = {json.dumps([r["schedule"], r["dataset"], r["model"], r.get("train_subset")], sort_keys=True)
+    keys = {json.dumps([r["schedule"], r["dataset"], r["model"], r.get("train_subset"),
+                        r.get("runtime", {}).get("amp", "off")], sort_keys=True)
             for r in records}
     if len(keys) > 1 and not allow_mixed:
         raise MbqError("these records were trained under different schedules, data sets or models; "
@@ -124,6 +125,9 @@ def comparison_table(records: Sequence[dict[str, Any]], method_order: Sequence[s
             f"{firsts[f'hours_{p}'].mean():.4f}" for p in ("prepare", "train", "finalize", "eval"))
         row["sample-passes (M)"] = f"{firsts['sample_passes_total'].mean() / 1e6:.3f}"
         row["passes vs fewest"] = f"{per_method_passes[method] / per_method_passes.min():.2f}x"
+        if any(r["schedule"].get("budget") is not None for r in records):
+            row["epochs run"] = _fmt(pd.Series([r.get("epochs_run", r["epochs"]) for r in records
+                                                if r["method"] == method], dtype=float), 1)
         if baseline is not None and baseline in per_method_hours:
             row[f"cost vs {baseline}"] = f"{per_method_hours[method] / per_method_hours[baseline]:.2f}x"
         rows.append(row)
@@ -142,9 +146,16 @@ def caption(records: Sequence[dict[str, Any]]) -> str:
     seeds = sorted({r["seed"] for r in records})
     subset = f", train subset {first['train_subset']}" if first.get("train_subset") else ""
     sched = first["schedule"]
+    devices = f"{first['device']} x{first['num_devices']}" if first.get("num_devices", 1) > 1 else first["device"]
+    amp = ", bf16 autocast" if first.get("runtime", {}).get("amp", "off") == "bf16" else ""
+    budget = ""
+    if sched.get("budget") is not None:
+        budget = (f" Equal-cost run: every method trained until it had spent {sched['budget_kind']}="
+                  f"{sched['budget']:g} (its prepare phase included), its lr curve stretched onto that budget; "
+                  f"'epochs run' counts the (last partial) epochs this took.")
     return (f"{first['dataset']} / {first['model']}{subset}; {sched['epochs']} epochs, {sched['optimizer']} "
-            f"lr {sched['lr']} {sched['lr_schedule']}, batch {sched['batch_size']}; seeds {seeds}; "
-            f"device {first['device']}. Top-1 on the test split; storage counted analytically. "
+            f"lr {sched['lr']} {sched['lr_schedule']}, batch {sched['batch_size']}{amp}; seeds {seeds}; "
+            f"device {devices}.{budget} Top-1 on the test split; storage counted analytically. "
             f"With several seeds: mean ± std; '~' marks a cell whose 95% bootstrap interval overlaps the best "
             f"method's at that bit-width (a difference within the noise). 'passes vs fewest' normalizes the "
             f"training work (forward+backward sample-passes) by the cheapest method's.")

@@ -26,10 +26,14 @@ from typing import Any
 
 import torch
 
+from harness import distributed
 from harness.errors import MbqError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename; under torchrun only rank 0 writes."""
+    if not distributed.is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -8,6 +8,7 @@ continues after the last completed epoch and, on CPU, reproduces the uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -17,8 +18,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from harness import distributed
 from harness.config import RunSpec, parse_method_spec
-from harness.cost import PhaseTimer, device_name
+from harness.cost import PhaseTimer, device_name, synchronize
 from harness.data import DataBundle
 from harness.errors import ConfigError, TrainingDiverged
 from harness.evaluate import evaluate_bits
@@ -26,6 +28,7 @@ from harness.loader import epoch_batches, steps_per_epoch
 from harness.method import Method, RunContext
 from harness.optim import build_optimizers, set_lr
 from harness.registry import get_method
+from harness.runtime import Runtime, needs_onednn_off, place_data
 from harness.store import RunStore
 
 CHECKPOINT_VERSION = 1
@@ -70,6 +73,15 @@ def _checkpoint(model, optimizers, method, epoch, prepared, ctx, timer, log) -> 
     }
 
 
+def _budget_spent(schedule, ctx: RunContext, timer: PhaseTimer, device: torch.device) -> float:
+    """The cost spent so far in the budget's unit, summed over ranks (so every rank takes the same decision)."""
+    if schedule.budget_kind == "device-hours":
+        synchronize(device)
+        seconds = distributed.sum_scalars([timer.total_seconds()], device)[0]
+        return seconds / 3600.0
+    return distributed.sum_scalars([float(sum(ctx.passes.values()))], device)[0]
+
+
 def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store: RunStore | None = None, *,
              show_progress: bool = False, stop_after: int | None = None,
              on_epoch: Callable[[list[dict[str, Any]]], None] | None = None) -> CellOutcome:
@@ -77,105 +89,166 @@ def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store
 
     ``stop_after``: return after that many epochs of this call without finishing (used to test resume).
     ``on_epoch``: called with this cell's log rows after every epoch (the caller rewrites log.csv).
+
+    Under a cost budget (``schedule.budget_kind``), training runs until the budget is spent (the ``prepare``
+    phase, e.g. EMQ's scoring, included), the lr curve is indexed by the fraction of the budget spent instead of
+    by epochs, and ``epochs`` only sets the shape of that curve (warm-up and milestones in budget fractions).
     """
+    with contextlib.ExitStack() as scope:
+        return _run_cell(spec, method_spec, seed, data, store, scope, show_progress=show_progress,
+                         stop_after=stop_after, on_epoch=on_epoch)
+
+
+def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store: RunStore | None,
+              scope: contextlib.ExitStack, *, show_progress: bool, stop_after: int | None,
+              on_epoch: Callable[[list[dict[str, Any]]], None] | None) -> CellOutcome:
+    """``run_cell``'s body; ``scope`` holds settings that last for the cell (oneDNN off for narrow networks)."""
     schedule = spec.schedule
     method = instantiate(method_spec)
     method.check_model(spec.model)
     method.check_bits(spec.bits)
     method.check_eval_bits(spec.bits, spec.evaluated_bits)
-    device = resolve_device(spec.device)
+    base_device = resolve_device(spec.device)
+    distributed.init_from_environment(base_device.type)
+    device = distributed.local_device(base_device)
+    runtime = Runtime(device, spec.amp, spec.channels_last, spec.compile)
+    data = place_data(data, device, spec.data_placement)
+    world = distributed.world_size()
+    show_progress = show_progress and distributed.is_writer()
     torch.manual_seed(seed)
-    model = method.build(spec.model, data.info.num_classes, spec.bits, data.info, spec.width).to(device)
+    model = runtime.prepare_model(method.build(spec.model, data.info.num_classes, spec.bits, data.info, spec.width))
+    onednn_off = needs_onednn_off(model, device)
+    if onednn_off:
+        previous = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        scope.callback(setattr, torch.backends.mkldnn, "enabled", previous)
     optimizers = build_optimizers(model, method.param_groups(model), schedule)
     ctx = RunContext(bits=spec.bits, device=device, num_classes=data.info.num_classes, seed=seed,
                      epochs=schedule.epochs, data_info=data.info, schedule=schedule, show_progress=show_progress,
                      eval_bits=spec.evaluated_bits)
     timer = PhaseTimer(device)
-    start_epoch, prepared, log = 0, False, []
+    start_epoch, prepared, budget_spent, log = 0, False, False, []
     state = store.load_checkpoint(method_spec, seed) if store else None
     if state is not None:
         model.load_state_dict(state["model"])
         for optimizer, saved in zip(optimizers, state["optimizers"]):
             optimizer.load_state_dict(saved)
         method.load_state_dict(state["method_state"])
-        ctx.passes = Counter(state["passes"])
+        # The checkpoint holds the sum over ranks; rank 0 carries it on so later sums stay global.
+        ctx.passes = Counter(state["passes"]) if distributed.is_writer() else Counter()
         ctx.step = state["step"]
         timer.seconds.update(state["seconds"])
         start_epoch, prepared, log = state["epoch"], state["prepared"], list(state["log"])
+        budget_spent = state.get("budget_spent", False)
         torch.set_rng_state(state["rng"])
 
     def save(epoch: int) -> None:
+        distributed.average_buffers(model)
+        passes = distributed.sum_counter(ctx.passes, device)
         if store is None:
             return
-        store.save_checkpoint(method_spec, seed, _checkpoint(model, optimizers, method, epoch, True, ctx, timer, log))
+        checkpoint = _checkpoint(model, optimizers, method, epoch, True, ctx, timer, log)
+        checkpoint["passes"] = dict(passes)
+        checkpoint["budget_spent"] = budget_spent
+        store.save_checkpoint(method_spec, seed, checkpoint)
         artifacts = method.artifacts()
         if artifacts:
             store.save_artifacts(method_spec, seed, artifacts)
 
     if not prepared:
         model.train()
-        with timer.phase("prepare"):
+        with timer.phase("prepare"), runtime.autocast():
             method.prepare(model, data.train, ctx)
+        if distributed.is_active():
+            # Rank 0's prepared model and method state (EMQ's scores and coresets) on every rank.
+            distributed.broadcast_model(model)
+            method.load_state_dict(distributed.broadcast_object(method.state_dict()))
         save(0)
 
+    budget = schedule.budget
+    spent = 0.0
+    if budget is not None and not budget_spent:
+        spent = _budget_spent(schedule, ctx, timer, device)
+        budget_spent = spent >= budget
     steps = steps_per_epoch(len(data.train), schedule.batch_size)
     augment = schedule.augment and data.info.augment != "none"
-    for epoch in range(start_epoch, schedule.epochs):
+    epoch = start_epoch
+    while (epoch < schedule.epochs) if budget is None else not budget_spent:
+        if budget is not None and epoch >= schedule.max_budget_epochs:
+            raise ConfigError(f"{method_spec}: the budget {schedule.budget_kind}={budget:g} was not spent after "
+                              f"{epoch} epochs (100x the schedule's {schedule.epochs}); lower --budget")
         if stop_after is not None and epoch - start_epoch >= stop_after:
             return CellOutcome(None, log)
         ctx.epoch = epoch
         per_bits = method.epoch_indices(epoch, data.train, spec.bits)
-        batches = epoch_batches(data.train, schedule.batch_size, seed, epoch, augment, device, per_bits)
+        batches = epoch_batches(data.train, schedule.batch_size, seed, epoch, augment, device, per_bits,
+                                channels_last=spec.channels_last)
         epoch_steps = steps if per_bits is None else steps_per_epoch(
             min(len(v) for v in per_bits.values()), schedule.batch_size)
         model.train()
         total_loss, count, lr = 0.0, 0, 0.0
         before = timer.seconds["train"]
+        label = f"ep{epoch + 1}" if budget is None else f"ep{epoch + 1} (budget)"
         with timer.phase("train"):
-            progress = tqdm(batches, total=epoch_steps, desc=f"{method_spec} s{seed} ep{epoch + 1}/{schedule.epochs}",
+            progress = tqdm(batches, total=epoch_steps, desc=f"{method_spec} s{seed} {label}/{schedule.epochs}",
                             leave=False, disable=not show_progress, dynamic_ncols=True)
             for index, batch in enumerate(progress):
                 ctx.step += 1
-                factor = schedule.lr_factor(epoch, index, epoch_steps)
+                if budget is None:
+                    factor = schedule.lr_factor(epoch, index, epoch_steps)
+                else:
+                    factor = schedule.lr_factor_at_fraction(spent / budget)
                 set_lr(optimizers, factor)
                 lr = schedule.lr * factor  # the schedule's lr; groups with their own base lr follow the same curve
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
-                losses = method.train_step(model, batch, ctx)
-                step_loss = sum(losses.values())
+                with runtime.autocast():
+                    losses = method.train_step(model, batch, ctx)
+                step_loss = distributed.sum_scalars([float(sum(losses.values()))], device)[0] / world
                 if not math.isfinite(step_loss):
                     raise TrainingDiverged(
                         f"{method_spec} (seed {seed}) diverged: loss {step_loss} at epoch {epoch + 1} step "
                         f"{index + 1}; the last completed epoch's checkpoint is kept (try a lower --lr)")
+                distributed.all_reduce_gradients(model)
                 for optimizer in optimizers:
                     optimizer.step()
                 total_loss += step_loss
                 count += 1
-        log.append({"method": method_spec, "seed": seed, "epoch": epoch + 1, "loss": total_loss / max(count, 1),
+                if budget is not None:
+                    spent = _budget_spent(schedule, ctx, timer, device)
+                    if spent >= budget:
+                        budget_spent = True
+                        break
+        epoch += 1
+        log.append({"method": method_spec, "seed": seed, "epoch": epoch, "loss": total_loss / max(count, 1),
                     "lr": lr, "seconds": timer.seconds["train"] - before,
-                    "sample_passes": sum(ctx.passes.values())})
-        save(epoch + 1)
+                    "sample_passes": int(sum(distributed.sum_counter(ctx.passes, device).values()))})
+        save(epoch)
         if on_epoch is not None:
             on_epoch(log)
 
     model.train()
-    with timer.phase("finalize"):
-        finalize_batches = epoch_batches(data.train, schedule.batch_size, seed, schedule.epochs, augment, device)
+    with timer.phase("finalize"), runtime.autocast():
+        finalize_batches = epoch_batches(data.train, schedule.batch_size, seed, schedule.epochs, augment, device,
+                                         channels_last=spec.channels_last)
         method.finalize(model, finalize_batches, ctx)
+    distributed.average_buffers(model)
     with timer.phase("eval"):
         accuracy = evaluate_bits(model, method, data.test, spec.evaluated_bits, schedule.eval_batch_size,
-                                 device)
-    record = make_record(spec, method_spec, method, seed, model, accuracy, ctx, timer, device, log)
+                                 device, runtime)
+    passes = distributed.sum_counter(ctx.passes, device)
+    record = make_record(spec, method_spec, method, seed, model, accuracy, passes, timer, device, log, world)
+    record["runtime"]["onednn"] = not onednn_off
     if store is not None:
         store.save_record(method_spec, seed, record)
     return CellOutcome(record, log)
 
 
-def make_record(spec: RunSpec, method_spec: str, method: Method, seed: int, model, accuracy, ctx: RunContext,
-                timer: PhaseTimer, device: torch.device, log) -> dict[str, Any]:
-    hours = timer.hours()
+def make_record(spec: RunSpec, method_spec: str, method: Method, seed: int, model, accuracy, passes: Counter,
+                timer: PhaseTimer, device: torch.device, log, world_size: int = 1) -> dict[str, Any]:
+    hours = timer.hours(world_size)
     per_bits = {
-        str(b): {**accuracy[b], "storage_bytes": method.storage(model, b), "sample_passes": ctx.passes.get(b, 0)}
+        str(b): {**accuracy[b], "storage_bytes": method.storage(model, b), "sample_passes": passes.get(b, 0)}
         for b in sorted(accuracy)
     }
     return {
@@ -189,7 +262,10 @@ def make_record(spec: RunSpec, method_spec: str, method: Method, seed: int, mode
         "bits": list(spec.bits),
         "eval_bits": list(spec.evaluated_bits),
         "epochs": spec.schedule.epochs,
+        "epochs_run": log[-1]["epoch"] if log else 0,
         "schedule": spec.schedule.to_dict(),
+        "runtime": {"amp": spec.amp, "channels_last": spec.channels_last, "compile": spec.compile,
+                    "data_placement": spec.data_placement},
         "train_subset": spec.train_subset,
         "results": per_bits,
         "storage_total_bytes": method.storage_total(model, spec.bits),
@@ -197,7 +273,7 @@ def make_record(spec: RunSpec, method_spec: str, method: Method, seed: int, mode
         "device_hours": sum(hours.values()),
         "device_hours_by_phase": hours,
         "device": device_name(device),
-        "num_devices": 1,
-        "sample_passes_total": sum(ctx.passes.values()),
+        "num_devices": world_size,
+        "sample_passes_total": sum(passes.values()),
         "log": log,
     }

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness import distributed
 from harness.config import MethodConfig, check_positive
 from harness.data import ImageSet
 from harness.errors import ConfigError, TrainingDiverged
@@ -315,12 +316,14 @@ class EMQ(Method):
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise TrainingDiverged(f"emq scoring run at {bits} bits diverged in scoring epoch {epoch + 1} "
                                            f"(try a lower --lr)")
+                distributed.all_reduce_gradients(network)  # under torchrun the scoring run is data-parallel too
                 for optimizer in optimizers:
                     optimizer.step()
                 rows = batch.indices.to(ctx.device)
                 for b in bits:
                     probabilities[b][rows] = F.softmax(outputs[b].float(), dim=1)
             for b in bits:
+                distributed.all_reduce_sum(probabilities[b])  # each rank filled only its shards' rows
                 recorders[b].add_epoch(probabilities[b])
         return {b: recorders[b].scores(cfg.tdds_window, cfg.tdds_beta).cpu() for b in bits}
 

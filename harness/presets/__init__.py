@@ -12,6 +12,7 @@ import math
 import pkgutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -39,12 +40,13 @@ class Preset:
 
     def run_spec(self, *, epochs: int | None = None, seeds: tuple[int, ...] = (0,), data_root: str | None = None,
                  train_subset: int | None = None, test_subset: int | None = None, device: str = "auto",
-                 width: float | None = None) -> RunSpec:
-        """The preset's run; ``epochs`` shortens the schedule, ``width`` overrides the model width (smoke tests)."""
+                 width: float | None = None, **runtime: Any) -> RunSpec:
+        """The preset's run; ``epochs`` shortens the schedule, ``width`` overrides the model width (smoke tests);
+        ``runtime``: RunSpec's execution fields (amp, channels_last, compile, data_placement)."""
         return RunSpec(methods=self.methods, dataset=self.dataset, model=self.model, width=width or self.width,
                        bits=self.bits, eval_bits=self.eval_bits, seeds=seeds,
                        schedule=shortened(self.schedule, epochs), data_root=data_root, train_subset=train_subset,
-                       test_subset=test_subset, device=device, baseline=self.speedup_baseline)
+                       test_subset=test_subset, device=device, baseline=self.speedup_baseline, **runtime)
 
     def published(self) -> pd.DataFrame:
         return load_published(PUBLISHED_DIR / f"{self.name}.csv")
