@@ -38,6 +38,9 @@ def write_bad_fashion_mnist(root):
     ["--bits", "0"], ["--bits", "33"], ["--bits", "abc"], ["--bits", ""], ["--bits", "2,2"],
     ["--epochs", "0"], ["--epochs", "abc"], ["--lr=-0.1"], ["--lr", "nan"],
     ["--seed", "x"], ["--baseline", "dedicated"],
+    ["--budget", "passes=3"], ["--budget", "sample-passes=0"], ["--budget", "device-hours=abc"],
+    ["--amp", "fp8"], ["--data-on", "gpu"], ["--threads", "0"],
+    ["--executor", "slurm"], ["--partition", "gpu"],
     ["--dataset", "fashion-mnist", "--data-root", "{tmp}/missing"],
     ["--dataset", "cifar10", "--data-root", "{tmp}/missing"],
     ["--dataset", "fashion-mnist", "--data-root", "{tmp}/corrupt"],
@@ -96,15 +99,27 @@ def test_list(capsys, what, expected):
     assert code == 0 and expected in out
 
 
-@pytest.mark.parametrize("command", [[], ["compare"], ["list"], ["report"]])
+@pytest.mark.parametrize("command", [[], ["compare"], ["list"], ["report"], ["reproduce"]])
 def test_help_explains_every_command(capsys, command):
     code, out, _ = run_cli(capsys, [*command, "--help"])
     assert code == 0 and "Usage:" in out
     if command == ["compare"]:
-        for option in ("--methods", "--bits", "--epochs", "--seed", "--out", "--train-subset", "--device"):
+        for option in ("--methods", "--bits", "--epochs", "--seed", "--out", "--train-subset", "--device", "--budget",
+                       "--amp", "--channels-last", "--compile", "--data-on", "--executor", "--threads"):
             assert option in out
 
 
 def test_report_of_a_folder_without_records_is_an_error(capsys, tmp_path):
     code, _, err = run_cli(capsys, ["report", str(tmp_path)])
     assert code == 2 and err.startswith("error: ")
+
+
+def test_budget_run_tabulates_epochs_run_and_report_rebuilds_it_byte_for_byte(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    args = ["compare", "--methods", "anyprecision,dedicated", *TINY, "--budget", "sample-passes=200",
+            "--out", str(out_dir)]
+    code, out, _ = run_cli(capsys, args)
+    assert code == 0 and "epochs run" in out and "Equal-cost run" in out
+    table = (out_dir / "table.md").read_bytes()
+    code, _, _ = run_cli(capsys, ["report", str(out_dir), "--out", str(tmp_path / "rebuilt")])
+    assert code == 0 and (tmp_path / "rebuilt" / "table.md").read_bytes() == table
