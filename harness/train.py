@@ -90,9 +90,10 @@ def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store
     ``stop_after``: return after that many epochs of this call without finishing (used to test resume).
     ``on_epoch``: called with this cell's log rows after every epoch (the caller rewrites log.csv).
 
-    Under a cost budget (``schedule.budget_kind``), training runs until the budget is spent (the ``prepare``
-    phase, e.g. EMQ's scoring, included), the lr curve is indexed by the fraction of the budget spent instead of
-    by epochs, and ``epochs`` only sets the shape of that curve (warm-up and milestones in budget fractions).
+    Under a cost budget (``schedule.budget_kind``), training runs until the budget is spent, the ``prepare`` phase
+    (e.g. EMQ's scoring) included. The lr curve is indexed by the fraction spent of what the training phase has
+    left after ``prepare``, instead of by epochs, so every method anneals fully within its budget; ``epochs`` only
+    sets the shape of that curve (warm-up and milestones become fractions of it).
     """
     with contextlib.ExitStack() as scope:
         return _run_cell(spec, method_spec, seed, data, store, scope, show_progress=show_progress,
@@ -128,6 +129,7 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
                      eval_bits=spec.evaluated_bits)
     timer = PhaseTimer(device)
     start_epoch, prepared, budget_spent, log = 0, False, False, []
+    train_budget_start: float | None = None  # cost already spent when training began (the prepare phase)
     state = store.load_checkpoint(method_spec, seed) if store else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -140,6 +142,7 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
         timer.seconds.update(state["seconds"])
         start_epoch, prepared, log = state["epoch"], state["prepared"], list(state["log"])
         budget_spent = state.get("budget_spent", False)
+        train_budget_start = state.get("train_budget_start")
         torch.set_rng_state(state["rng"])
 
     def save(epoch: int) -> None:
@@ -150,6 +153,7 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
         checkpoint = _checkpoint(model, optimizers, method, epoch, True, ctx, timer, log)
         checkpoint["passes"] = dict(passes)
         checkpoint["budget_spent"] = budget_spent
+        checkpoint["train_budget_start"] = train_budget_start
         store.save_checkpoint(method_spec, seed, checkpoint)
         artifacts = method.artifacts()
         if artifacts:
@@ -170,6 +174,8 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
     if budget is not None and not budget_spent:
         spent = _budget_spent(schedule, ctx, timer, device)
         budget_spent = spent >= budget
+        if train_budget_start is None:
+            train_budget_start = spent
     steps = steps_per_epoch(len(data.train), schedule.batch_size)
     augment = schedule.augment and data.info.augment != "none"
     epoch = start_epoch
@@ -197,7 +203,8 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
                 if budget is None:
                     factor = schedule.lr_factor(epoch, index, epoch_steps)
                 else:
-                    factor = schedule.lr_factor_at_fraction(spent / budget)
+                    factor = schedule.lr_factor_at_fraction(
+                        (spent - train_budget_start) / max(budget - train_budget_start, 1e-12))
                 set_lr(optimizers, factor)
                 lr = schedule.lr * factor  # the schedule's lr; groups with their own base lr follow the same curve
                 for optimizer in optimizers:

@@ -79,3 +79,17 @@ def test_emq_scoring_counts_against_the_budget(tiny_spec, synthetic):
     assert record["epochs_run"] == 0
     assert record["device_hours_by_phase"]["train"] == 0.0
     assert record["sample_passes_total"] == 3072
+
+
+def test_the_lr_curve_spans_what_prepare_left_of_the_budget(tiny_spec, synthetic):
+    # EMQ scores for 3 epochs (3072 passes of 512 x 2 bit-widths); the rest of a 5000 budget is for training,
+    # and training starts at the top of its lr curve rather than where 3072/5000 of the curve would be.
+    spec = tiny_spec(epochs=3, schedule={"budget_kind": "sample-passes", "budget": 5000.0})
+    record = run_cell(spec, "emq:score_epochs=3:prune=0.5", 0, synthetic).record
+    assert record["epochs_run"] >= 2
+    first_epoch_lr = record["log"][0]["lr"]
+    schedule = spec.schedule
+    trained = record["log"][0]["sample_passes"] - 3072  # the lr is logged at the last step, 128 passes before
+    expected_last = schedule.lr * schedule.lr_factor_at_fraction((trained - 128) / (5000.0 - 3072))
+    assert first_epoch_lr == pytest.approx(expected_last, rel=1e-9)
+    assert first_epoch_lr > schedule.lr * schedule.lr_factor_at_fraction(3072 / 5000.0)
