@@ -35,7 +35,18 @@ def needs_onednn_off(model: nn.Module, device: torch.device) -> bool:
     """
     if device.type != "cpu":
         return False
-    return any(p.ndim == 4 and p.shape[0] < ONEDNN_MIN_CHANNELS for p in model.parameters())
+    return any(channels < ONEDNN_MIN_CHANNELS for channels in _conv_output_channels(model))
+
+
+def _conv_output_channels(model: nn.Module):
+    """Output channels per group of every convolution, grouped ones (MBQuant's branches) included."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            yield module.out_channels // module.groups
+        elif hasattr(module, "out_per_branch"):
+            yield module.out_per_branch
+        else:
+            yield from (p.shape[0] for p in module.parameters(recurse=False) if p.ndim == 4)
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,11 @@ def test_onednn_is_off_only_for_narrow_cpu_networks(tiny_spec, synthetic):
     assert needs_onednn_off(nn.Conv2d(1, 4, 3), torch.device("cpu"))
     assert not needs_onednn_off(nn.Conv2d(1, 8, 3), torch.device("cpu"))
     assert not needs_onednn_off(nn.Conv2d(1, 4, 3), torch.device("cuda"))
+    assert needs_onednn_off(nn.Conv2d(16, 16, 3, groups=4), torch.device("cpu"))  # 4 outputs per group
+    from methods.quant.branches import BranchConv2d, amortized_selection
+
+    branches = BranchConv2d(4, 4, 3, 1, 1, 4, amortized_selection((2, 8)))  # one grouped weight of 16 outputs
+    assert needs_onednn_off(branches, torch.device("cpu"))
     before = torch.backends.mkldnn.enabled
     record = run_cell(tiny_spec(epochs=1), "anyprecision", 0, synthetic).record  # width 0.25: 4-channel stem
     assert record["runtime"]["onednn"] is False
