@@ -136,12 +136,12 @@ def sum_counter(counter: Counter, device: torch.device) -> Counter:
     """Per-key sums of an integer counter (sample-passes per bit-width) over ranks."""
     if not is_active():
         return Counter(counter)
-    keys = sorted(set().union(*broadcast_all_keys(counter)))
+    keys = sorted(set().union(*_keys_of_every_rank(counter)))
     totals = sum_scalars([float(counter.get(k, 0)) for k in keys], device)
     return Counter({k: int(round(v)) for k, v in zip(keys, totals)})
 
 
-def broadcast_all_keys(counter: Counter) -> list[list[Any]]:
+def _keys_of_every_rank(counter: Counter) -> list[list[Any]]:
     gathered: list[Any] = [None] * world_size()
     dist.all_gather_object(gathered, sorted(counter))
     return gathered

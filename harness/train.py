@@ -57,19 +57,22 @@ class CellOutcome:
     log: list[dict[str, Any]]
 
 
-def _checkpoint(model, optimizers, method, epoch, prepared, ctx, timer, log) -> dict[str, Any]:
+def _checkpoint(model, optimizers, method, epoch, ctx, passes: Counter, timer, log,
+                budget_state: dict[str, Any]) -> dict[str, Any]:
+    """Everything a resumed cell needs; ``passes`` are the sums over ranks (rank 0 carries them on)."""
     return {
         "version": CHECKPOINT_VERSION,
         "epoch": epoch,
-        "prepared": prepared,
+        "prepared": True,
         "model": model.state_dict(),
         "optimizers": [o.state_dict() for o in optimizers],
         "method_state": method.state_dict(),
-        "passes": dict(ctx.passes),
+        "passes": dict(passes),
         "step": ctx.step,
         "seconds": dict(timer.seconds),
         "log": log,
         "rng": torch.get_rng_state(),
+        **budget_state,
     }
 
 
@@ -145,16 +148,13 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
         train_budget_start = state.get("train_budget_start")
         torch.set_rng_state(state["rng"])
 
-    def save(epoch: int) -> None:
+    def save(epoch: int, passes: Counter) -> None:
         distributed.average_buffers(model)
-        passes = distributed.sum_counter(ctx.passes, device)
         if store is None:
             return
-        checkpoint = _checkpoint(model, optimizers, method, epoch, True, ctx, timer, log)
-        checkpoint["passes"] = dict(passes)
-        checkpoint["budget_spent"] = budget_spent
-        checkpoint["train_budget_start"] = train_budget_start
-        store.save_checkpoint(method_spec, seed, checkpoint)
+        budget_state = {"budget_spent": budget_spent, "train_budget_start": train_budget_start}
+        store.save_checkpoint(method_spec, seed,
+                              _checkpoint(model, optimizers, method, epoch, ctx, passes, timer, log, budget_state))
         artifacts = method.artifacts()
         if artifacts:
             store.save_artifacts(method_spec, seed, artifacts)
@@ -167,7 +167,7 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
             # Rank 0's prepared model and method state (EMQ's scores and coresets) on every rank.
             distributed.broadcast_model(model)
             method.load_state_dict(distributed.broadcast_object(method.state_dict()))
-        save(0)
+        save(0, distributed.sum_counter(ctx.passes, device))
 
     budget = schedule.budget
     spent = 0.0
@@ -227,10 +227,10 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
                         budget_spent = True
                         break
         epoch += 1
+        passes = distributed.sum_counter(ctx.passes, device)  # one collective per epoch, for the log and checkpoint
         log.append({"method": method_spec, "seed": seed, "epoch": epoch, "loss": total_loss / max(count, 1),
-                    "lr": lr, "seconds": timer.seconds["train"] - before,
-                    "sample_passes": int(sum(distributed.sum_counter(ctx.passes, device).values()))})
-        save(epoch)
+                    "lr": lr, "seconds": timer.seconds["train"] - before, "sample_passes": sum(passes.values())})
+        save(epoch, passes)
         if on_epoch is not None:
             on_epoch(log)
 
