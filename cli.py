@@ -153,6 +153,11 @@ def _print(text: str) -> None:
 @click.option("--test-subset", type=int, default=None, help="Evaluate on this many test samples.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--baseline", default=None, help="Method spec whose cost is 1.00x in the relative-cost column.")
+@click.option("--reference", type=click.Choice(["fp", "none"]), default="fp", show_default=True,
+              help="fp: also train the full-precision network of the same model, schedule and budget once per seed "
+                   "(same batches) and show it as the table's 'fp (reference)' row, its 32-bit top-1 in every "
+                   "bit column; it is resumable like any cell (cells/fp__seed<k>/) and may be the --baseline. "
+                   "none: no reference row. Listing fp in --methods too trains it once.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder (default results/runs/<dataset>-<model>-<hash of the settings>). Running the same "
                    "command again resumes a killed run from its last completed epoch.")
@@ -161,7 +166,7 @@ def _print(text: str) -> None:
 @executor_options
 def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, budget, batch_size, eval_batch_size,
             optimizer, lr, lr_schedule, milestones, gamma, momentum, weight_decay, warmup_epochs, no_augment, seeds,
-            train_subset, test_subset, device, baseline, out, quiet, executor, **kwargs) -> None:
+            train_subset, test_subset, device, baseline, reference, out, quiet, executor, **kwargs) -> None:
     """Train every method under one identical schedule and print a table of top-1 per bit-width, storage and
     cost. Writes spec.json, env.json, log.csv, summary.csv, stats.csv, table.md/.tex, accuracy.png, pareto.png
     and checkpoints. Under `torchrun --nproc_per_node N cli.py compare ...` training is data-parallel."""
@@ -182,7 +187,7 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
                    eval_bits=parse_bits(eval_bits) if eval_bits is not None else None,
                    seeds=_parse_ints(seeds, "--seed"), schedule=schedule, data_root=data_root,
                    train_subset=train_subset, test_subset=test_subset, device=device, baseline=baseline,
-                   **runtime)
+                   reference=reference, **runtime)
     out = out if out is not None else default_out(spec)
     _join_torchrun(device)
     _, markdown = run_comparison(spec, out, show_progress=not quiet, echo=_echo_for(quiet), executor=executor,
@@ -191,7 +196,11 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
 
 
 @cli.command()
-@click.argument("preset_name", metavar="PRESET")
+@click.argument("preset_name", metavar="[PRESET]", required=False)
+@click.option("--all-claims", is_flag=True,
+              help="Instead of one PRESET: run every preset that carries claims (`list presets`) with these options "
+                   "and write one markdown table of all verdicts to OUT/summary.md, each preset's run in "
+                   "OUT/<preset>-<hash> (default: summary in results/claims/, runs in results/runs/).")
 @click.option("--data-root", default=None, help="Folder holding the preset's data set (see `list presets`).")
 @click.option("--epochs", type=int, default=None,
               help="Shorten the schedule to this many epochs (milestones scale); the table then says so.")
@@ -205,35 +214,56 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
 @click.option("--quiet", is_flag=True, help="No progress bars or status lines.")
 @runtime_options
 @executor_options
-def reproduce(preset_name, data_root, epochs, seeds, train_subset, test_subset, device, out, quiet, executor,
-              **kwargs) -> None:
-    """Run a paper preset (`list presets`) and print published vs measured numbers per bit-width with the gap."""
-    from harness.compare import run_comparison
-    from harness.presets import get_preset
-    from harness.reproduce import reproduce_markdown
+def reproduce(preset_name, all_claims, data_root, epochs, seeds, train_subset, test_subset, device, out, quiet,
+              executor, **kwargs) -> None:
+    """Run a paper preset (`list presets`) and print published vs measured numbers per bit-width with the gap,
+    then one verdict line per claim of the preset: holds / does not hold (the whole 95% bootstrap interval over
+    seeds satisfies / violates it) or inconclusive. Writes reproduce.md (and claims.json) into the run folder.
+    With --all-claims instead of PRESET: every preset with claims, then one summary table of their verdicts."""
+    from harness.compare import run_comparison, validate
+    from harness.presets import claim_presets, get_preset
+    from harness.reproduce import claims_summary, write_reproduction
     from harness.store import atomic_write_text
 
-    preset = get_preset(preset_name)
-    spec = preset.run_spec(epochs=epochs, seeds=_parse_ints(seeds, "--seed"), data_root=data_root,
-                           train_subset=train_subset, test_subset=test_subset, device=device,
-                           **_runtime_fields(kwargs))
+    if all_claims == (preset_name is not None):
+        raise ConfigError("give one PRESET, or --all-claims to run every preset that has claims (not both)")
+    presets = [get_preset(name) for name in (claim_presets() if all_claims else [preset_name])]
+    if not presets:
+        raise ConfigError("no preset carries claims (see `list presets`)")
+    runtime = _runtime_fields(kwargs)
     options = _executor_options(kwargs)
-    if out is None:
-        digest = hashlib.sha256(spec.to_json().encode()).hexdigest()[:10]
-        out = Path("results") / "runs" / f"{preset.name}-{digest}"
+    runs = []
+    for preset in presets:
+        spec = preset.run_spec(epochs=epochs, seeds=_parse_ints(seeds, "--seed"), data_root=data_root,
+                               train_subset=train_subset, test_subset=test_subset, device=device, **runtime)
+        folder = f"{preset.name}-{hashlib.sha256(spec.to_json().encode()).hexdigest()[:10]}"
+        if out is None:  # the same folder as a plain `reproduce PRESET` with these options, so either resumes both
+            runs.append((preset, spec, Path("results") / "runs" / folder))
+        else:
+            runs.append((preset, spec, out / folder if all_claims else out))
     _join_torchrun(device)
-    records, markdown = run_comparison(spec, out, show_progress=not quiet, echo=_echo_for(quiet),
-                                       executor=executor, executor_options=options)
-    text = reproduce_markdown(preset, records, spec.schedule.epochs)
-    atomic_write_text(out / "reproduce.md", text)
-    _print(markdown)
-    _print(text)
+    if all_claims:  # a missing data set or a bad folder fails before any preset spends hours training
+        for _, spec, folder in runs:
+            validate(spec, folder, check_device=executor == "local")
+    results = []
+    for preset, spec, folder in runs:
+        records, markdown = run_comparison(spec, folder, show_progress=not quiet, echo=_echo_for(quiet),
+                                           executor=executor, executor_options=options)
+        text, verdicts = write_reproduction(folder, preset, records, spec.schedule.epochs)
+        _print(markdown)
+        _print(text)
+        results.append((preset, verdicts, spec.schedule.epochs))
+    if all_claims:
+        summary = claims_summary(results)
+        atomic_write_text((out if out is not None else Path("results") / "claims") / "summary.md", summary)
+        _print(summary)
 
 
 @cli.command("list")
 @click.argument("what", type=click.Choice(["methods", "datasets", "models", "presets"]))
 def list_command(what: str) -> None:
-    """List the registered methods (built-in and entry points), data sets, models or paper presets."""
+    """List the registered methods (built-in and entry points), data sets, models or paper presets (with each
+    preset's claims: name, statement and source)."""
     if what == "methods":
         from harness.registry import get_method, list_methods
 
@@ -253,6 +283,8 @@ def list_command(what: str) -> None:
         for name in list_presets():
             preset = get_preset(name)
             click.echo(f"{name:32s} {preset.title}\n{'':32s} data: {preset.data_needs}")
+            for claim in preset.claims:
+                click.echo(f"{'':32s} claim {claim.name}: {claim.statement} [{claim.source}]")
     else:
         from harness.models import list_models
 

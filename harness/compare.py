@@ -2,7 +2,10 @@
 
 Where the cells run is up to an executor (``harness.executors``): in this process one after another (``local``,
 the default), or as independent submitit jobs (``submitit``, e.g. a Slurm job array). Either way the finished
-records are gathered from the run folder, in seeds x methods order, into one log and one set of tables.
+records are gathered from the run folder, in seeds x methods order, into one log and one set of tables. With
+``spec.reference == "fp"`` (the default) each seed also has a cell ``fp`` (``methods/reference.py``): the
+full-precision network of the same model, trained by the same loop under the same schedule, seed and budget, so
+on the same batches; the tables show it as the reference row.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from harness.executors import SUBSET_SEED, Cell, make_executor
 from harness.models import MODELS, list_models
 from harness.report import write_reports
 from harness.store import RunStore, check_writable_dir, environment
-from harness.train import LOG_COLUMNS, instantiate, resolve_device
+from harness.train import LOG_COLUMNS, cell_spec, instantiate, resolve_device
 
 __all__ = ["SUBSET_SEED", "run_comparison", "validate"]
 
@@ -32,11 +35,12 @@ def validate(spec, out: Path, *, check_device: bool = True) -> None:
     """
     if spec.model not in MODELS:
         raise ConfigError(f"unknown model {spec.model!r}; known models: {', '.join(list_models())}")
-    for method_spec in spec.methods:
+    for method_spec in spec.cell_methods:
         method = instantiate(method_spec)
-        method.check_model(spec.model)
-        method.check_bits(spec.bits)
-        method.check_eval_bits(spec.bits, spec.evaluated_bits)
+        cell = cell_spec(spec, method)
+        method.check_model(cell.model)
+        method.check_bits(cell.bits)
+        method.check_eval_bits(cell.bits, cell.evaluated_bits)
     if check_device:
         resolve_device(spec.device)
     check_dataset(spec.dataset, spec.data_root)
@@ -73,7 +77,8 @@ def run_comparison(spec, out: Path, *, show_progress: bool = True, echo: Callabl
         env["executor"] = runner.describe()
     store.write_json("env.json", env)
 
-    cells: list[Cell] = [(method_spec, seed) for seed in spec.seeds for method_spec in spec.methods]
+    # per seed: the methods, then the full-precision reference (spec.reference == "fp"), which is a cell like any
+    cells: list[Cell] = [(method_spec, seed) for seed in spec.seeds for method_spec in spec.cell_methods]
     finished = {}
     for cell in cells:
         record = store.load_record(*cell)

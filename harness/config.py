@@ -21,6 +21,8 @@ LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
 BUDGET_KINDS = ("sample-passes", "device-hours")
 AMP_MODES = ("off", "bf16")
 DATA_PLACEMENTS = ("auto", "device", "host")
+REFERENCE_METHOD = "fp"  # the full-precision reference (methods/reference.py)
+REFERENCES = (REFERENCE_METHOD, "none")
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -194,7 +196,13 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class RunSpec(JsonConfig):
-    """Everything that defines a comparison: data, model, bit-widths, methods, seeds and the shared schedule."""
+    """Everything that defines a comparison: data, model, bit-widths, methods, seeds and the shared schedule.
+
+    ``reference``: "fp" (default) also trains the full-precision network of the same model and schedule once per
+    seed, as the table's reference row; "none" skips it. Listing ``fp`` in ``methods`` as well is the same as
+    the reference (it is dropped from ``methods``, so it trains once); with ``reference="none"`` it is an error.
+    A spec.json written before this field existed loads with the default.
+    """
 
     methods: tuple[str, ...]
     dataset: str = "digits"
@@ -213,6 +221,12 @@ class RunSpec(JsonConfig):
     channels_last: bool = False
     compile: bool = False
     data_placement: str = "auto"
+    reference: str = REFERENCE_METHOD
+
+    @property
+    def cell_methods(self) -> tuple[str, ...]:
+        """The method specs that get one cell per seed: ``methods``, then the reference if there is one."""
+        return (*self.methods, REFERENCE_METHOD) if self.reference == REFERENCE_METHOD else self.methods
 
     @property
     def evaluated_bits(self) -> tuple[int, ...]:
@@ -220,6 +234,20 @@ class RunSpec(JsonConfig):
         return self.eval_bits if self.eval_bits is not None else self.bits
 
     def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"unknown --reference {self.reference!r}; choose one of {', '.join(REFERENCES)}")
+        listed = [m for m in self.methods if _method_name(m) == REFERENCE_METHOD]
+        if any(m.strip() != REFERENCE_METHOD for m in listed):
+            raise ConfigError(f"the full-precision reference {REFERENCE_METHOD!r} takes no options, got "
+                              f"{next(m for m in listed if m.strip() != REFERENCE_METHOD)!r}")
+        if listed and self.reference != REFERENCE_METHOD:
+            raise ConfigError(f"--methods lists {REFERENCE_METHOD}, the full-precision reference, but --reference "
+                              f"{self.reference} skips it; pass --reference {REFERENCE_METHOD} instead")
+        if listed:  # the reference row trains it once per seed already; a second cell would be the same run
+            object.__setattr__(self, "methods", tuple(m for m in self.methods if m not in listed))
+            if not self.methods:
+                raise ConfigError(f"{REFERENCE_METHOD} is the reference row (--reference {REFERENCE_METHOD}); "
+                                  f"list at least one method to compare with it")
         if not self.methods:
             raise ConfigError("at least one method is needed (e.g. --methods anyprecision,dedicated)")
         if len(set(self.methods)) != len(self.methods):
@@ -245,8 +273,12 @@ class RunSpec(JsonConfig):
         for name in ("channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.baseline is not None and self.baseline not in self.methods:
+        if self.baseline is not None and self.baseline not in self.cell_methods:
             raise ConfigError(f"baseline {self.baseline!r} is not one of the compared methods")
+
+
+def _method_name(method_spec: str) -> str:
+    return str(method_spec).split(":", 1)[0].strip()
 
 
 @dataclass(frozen=True)

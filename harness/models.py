@@ -158,20 +158,28 @@ def init_weights(model: nn.Module) -> None:
 
 class ResNet18(ResNet):
     """torchvision's ResNet-18; for images under 128 pixels (or no size given) the stem is a 3x3 stride-1 conv
-    without max-pool, at ImageNet size torchvision's 7x7 stride-2 conv and max-pool."""
+    without max-pool, at ImageNet size torchvision's 7x7 stride-2 conv and max-pool. ``width`` scales every
+    stage (``64w/128w/256w/512w`` channels)."""
 
     SMALL_INPUT_LIMIT = 128
 
     def __init__(self, num_classes: int, in_chans: int, mean, std, width: float = 1.0,
                  image_size: int | None = None) -> None:
         super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width_per_group=64)
-        if width != 1.0:
-            raise ConfigError("resnet18 supports width 1 only")
+        base = max(1, int(round(64 * width)))
+        if base != 64:  # the same layers at base/2base/4base/8base channels (torchvision fixes 64)
+            self.inplanes = base
+            self.bn1 = nn.BatchNorm2d(base)
+            self.layer1 = self._make_layer(BasicBlock, base, 2)
+            self.layer2 = self._make_layer(BasicBlock, 2 * base, 2, stride=2)
+            self.layer3 = self._make_layer(BasicBlock, 4 * base, 2, stride=2)
+            self.layer4 = self._make_layer(BasicBlock, 8 * base, 2, stride=2)
+            self.fc = nn.Linear(8 * base, num_classes)
         self.input_norm = InputNorm(mean, std)
         if image_size is not None and image_size >= self.SMALL_INPUT_LIMIT:
-            self.conv1 = tag(nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False), "stem")
+            self.conv1 = tag(nn.Conv2d(in_chans, base, 7, 2, 3, bias=False), "stem")
         else:
-            self.conv1 = tag(nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False), "stem")
+            self.conv1 = tag(nn.Conv2d(in_chans, base, 3, 1, 1, bias=False), "stem")
             self.maxpool = nn.Identity()
         tag(self.fc, "head")
         init_weights(self)

@@ -3,6 +3,9 @@
 The table has one row per method spec: top-1 per bit-width (mean, and +- std over seeds when there are
 several), storage per bit-width and for the whole switchable set, device-hours by phase, sample-passes, and
 the cost relative to a baseline method. Records made under different schedules are not mixed unless asked.
+The full-precision reference (records of method ``fp``, ``--reference fp``) is the first row, ``fp (reference)``,
+its 32-bit top-1 in every bit-width's column; summary.csv and stats.csv hold it at bits 32 like any record, and
+the plots draw it as a dashed horizontal line.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from typing import Any
 
 import pandas as pd
 
+from harness.config import REFERENCE_METHOD
 from harness.errors import MbqError
 from harness.store import atomic_write_bytes, atomic_write_text
 
 MB = 1e6
+REFERENCE_LABEL = f"{REFERENCE_METHOD} (reference)"
 SUMMARY_COLUMNS = (
     "method", "bits", "top1", "top5", "storage_mb", "storage_total_mb", "device_hours", "sample_passes", "device",
     "dataset", "model", "epochs", "seed", "hours_prepare", "hours_train", "hours_finalize", "hours_eval",
@@ -97,22 +102,40 @@ def within_noise_of_best(stats: pd.DataFrame) -> set[tuple[str, int]]:
     return marked
 
 
+def is_reference(record: dict[str, Any]) -> bool:
+    """A record of the full-precision reference (``methods/reference.py``), the table's reference row."""
+    return record["method"] == REFERENCE_METHOD
+
+
 def comparison_table(records: Sequence[dict[str, Any]], method_order: Sequence[str] | None = None,
                      baseline: str | None = None) -> pd.DataFrame:
-    """One row per method: formatted strings, ready for markdown/LaTeX."""
+    """One row per method: formatted strings, ready for markdown/LaTeX.
+
+    The full-precision reference (records of method ``fp``) comes first, as the row ``fp (reference)``: its one
+    (32-bit) top-1 and storage are repeated in every bit-width's column, so each column reads as the gap to full
+    precision. It adds no column of its own, takes no part in the '~' noise marks and is not "the fewest" of
+    "passes vs fewest"; the methods' columns are what they are without it.
+    """
     frame = summary_frame(records)
     if frame.empty:
         raise MbqError("no finished records to tabulate")
+    reference = frame["method"] == REFERENCE_METHOD
+    compared = frame[~reference] if (~reference).any() else frame  # a folder with only the reference: its row
     methods = list(method_order) if method_order else list(dict.fromkeys(frame["method"]))
-    methods = [m for m in methods if m in set(frame["method"])]
-    all_bits = sorted(frame["bits"].unique())
+    methods = [m for m in methods if m in set(compared["method"]) and m != REFERENCE_METHOD]
+    if reference.any():
+        methods.insert(0, REFERENCE_METHOD)
+    all_bits = sorted(compared["bits"].unique())
     per_method_hours = frame.groupby("method")["device_hours"].mean()
     per_method_passes = frame.drop_duplicates(["method", "seed"]).groupby("method")["sample_passes_total"].mean()
-    noisy = within_noise_of_best(stats_frame(records))
+    fewest = per_method_passes[list(compared["method"].unique())].min()
+    noisy = within_noise_of_best(stats_frame([r for r in records if not is_reference(r)] or records))
     rows = []
     for method in methods:
         part = frame[frame["method"] == method]
-        row: dict[str, str] = {"method": method}
+        if method == REFERENCE_METHOD:  # its one 32-bit result in every bit-width's column
+            part = pd.concat([part.assign(bits=b) for b in all_bits], ignore_index=True)
+        row: dict[str, str] = {"method": REFERENCE_LABEL if method == REFERENCE_METHOD else method}
         for b in all_bits:
             row[f"{b}-bit top-1 %"] = _fmt(part[part["bits"] == b]["top1"]) + (" ~" if (method, b) in noisy else "")
         firsts = part.drop_duplicates("seed")
@@ -124,7 +147,7 @@ def comparison_table(records: Sequence[dict[str, Any]], method_order: Sequence[s
         row["prepare/train/finalize/eval h"] = " / ".join(
             f"{firsts[f'hours_{p}'].mean():.4f}" for p in ("prepare", "train", "finalize", "eval"))
         row["sample-passes (M)"] = f"{firsts['sample_passes_total'].mean() / 1e6:.3f}"
-        row["passes vs fewest"] = f"{per_method_passes[method] / per_method_passes.min():.2f}x"
+        row["passes vs fewest"] = f"{per_method_passes[method] / fewest:.2f}x"
         if any(r["schedule"].get("budget") is not None for r in records):
             row["epochs run"] = _fmt(pd.Series([r.get("epochs_run", r["epochs"]) for r in records
                                                 if r["method"] == method], dtype=float), 1)
@@ -153,12 +176,18 @@ def caption(records: Sequence[dict[str, Any]]) -> str:
         budget = (f" Equal-cost run: every method trained until it had spent {sched['budget_kind']}="
                   f"{sched['budget']:g} (its prepare phase included), its lr curve stretched onto that budget; "
                   f"'epochs run' counts the (last partial) epochs this took.")
+    reference = ""
+    if any(is_reference(r) for r in records):
+        reference = (f" '{REFERENCE_LABEL}': the full-precision network of the same model, trained under the same "
+                     f"schedule, seeds and batches{' and budget' if budget else ''} and evaluated at 32 bits; its "
+                     f"32-bit top-1 and storage fill every bit-width's column (the gap to full precision), and it "
+                     f"takes no part in the '~' marks or in 'passes vs fewest'.")
     return (f"{first['dataset']} / {first['model']}{subset}; {sched['epochs']} epochs, {sched['optimizer']} "
             f"lr {sched['lr']} {sched['lr_schedule']}, batch {sched['batch_size']}{amp}; seeds {seeds}; "
             f"device {devices}.{budget} Top-1 on the test split; storage counted analytically. "
             f"With several seeds: mean ± std; '~' marks a cell whose 95% bootstrap interval overlaps the best "
             f"method's at that bit-width (a difference within the noise). 'passes vs fewest' normalizes the "
-            f"training work (forward+backward sample-passes) by the cheapest method's.")
+            f"training work (forward+backward sample-passes) by the cheapest method's.{reference}")
 
 
 def accuracy_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
@@ -170,10 +199,13 @@ def accuracy_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     frame = summary_frame(records)
+    reference = frame["method"] == REFERENCE_METHOD
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, part in frame.groupby("method", sort=False):
+    for method, part in frame[~reference].groupby("method", sort=False):
         means = part.groupby("bits")["top1"].mean()
         ax.plot([str(b) for b in means.index], means.values, marker="o", label=method)
+    if reference.any():
+        ax.axhline(frame[reference]["top1"].mean(), color="0.3", linestyle="--", label=REFERENCE_LABEL)
     ax.set_xlabel("bit-width")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{records[0]['dataset']} / {records[0]['model']}")
@@ -195,12 +227,18 @@ def pareto_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
     import matplotlib.pyplot as plt
 
     frame = summary_frame(records)
-    all_bits = sorted(frame["bits"].unique())
+    reference = frame["method"] == REFERENCE_METHOD
+    methods = frame[~reference] if (~reference).any() else frame
+    all_bits = sorted(methods["bits"].unique())
     fig, axes = plt.subplots(1, len(all_bits), figsize=(3.2 * len(all_bits), 3.2), squeeze=False)
     for ax, bits in zip(axes[0], all_bits):
-        part = frame[frame["bits"] == bits].groupby("method", sort=False)[["device_hours", "top1"]].mean()
+        part = methods[methods["bits"] == bits].groupby("method", sort=False)[["device_hours", "top1"]].mean()
         for method, row in part.iterrows():
             ax.scatter(row["device_hours"], row["top1"], label=method)
+        if reference.any() and methods is not frame:  # the reference's accuracy and cost in every panel
+            ax.axhline(frame[reference]["top1"].mean(), color="0.3", linestyle="--", linewidth=1)
+            ax.scatter(frame[reference]["device_hours"].mean(), frame[reference]["top1"].mean(), marker="*",
+                       color="0.3", label=REFERENCE_LABEL)
         ax.set_title(f"{bits}-bit")
         ax.set_xlabel("device-hours")
         ax.grid(alpha=0.3)

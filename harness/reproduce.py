@@ -3,18 +3,23 @@
 Rows: every published top-1 cell (method, bit-width), and the per-method summary metrics a paper states
 without a per-bit table (``mean_top1``: mean over the trained bit-widths; ``speedup``: device-hours and
 sample-passes of the preset's baseline over the method's). An empty published cell is shown as
-``n/a (unverified)``; nothing is ever filled in.
+``n/a (unverified)``; nothing is ever filled in. Under the table, one verdict line per claim of the preset
+(``harness.claims``); ``claims_summary`` tabulates the verdicts of several presets (``reproduce --all-claims``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from harness.claims import VERDICTS, Verdict, evaluate_all
 from harness.presets import Preset
 from harness.report import summary_frame, to_markdown
+from harness.store import atomic_write_text
 
 UNVERIFIED = "n/a (unverified)"
 
@@ -71,8 +76,19 @@ def gap_table(preset: Preset, records: Sequence[dict[str, Any]]) -> pd.DataFrame
     return pd.DataFrame(rows, columns=["method", "bits", "metric", "published", "measured", "gap", "source"])
 
 
-def reproduce_markdown(preset: Preset, records: Sequence[dict[str, Any]], epochs_run: int) -> str:
+def claim_lines(verdicts: Sequence[Verdict]) -> list[str]:
+    """The markdown block of verdict lines (empty for a preset without claims)."""
+    if not verdicts:
+        return []
+    return ["", "Claims (95% bootstrap interval over seeds, paired by seed):", "",
+            *[f"- {verdict.line()}" for verdict in verdicts]]
+
+
+def reproduce_markdown(preset: Preset, records: Sequence[dict[str, Any]], epochs_run: int,
+                       verdicts: Sequence[Verdict] | None = None) -> str:
+    """The gap table, the claims' verdicts (``verdicts``, evaluated here when None) and the recipe notes."""
     table = gap_table(preset, records)
+    verdicts = evaluate_all(preset.claims, records) if verdicts is None else verdicts
     lines = [f"## {preset.title}", ""]
     if epochs_run != preset.schedule.epochs:
         lines.append(f"**Shortened schedule: {epochs_run} of {preset.schedule.epochs} epochs; the measured numbers "
@@ -86,5 +102,42 @@ def reproduce_markdown(preset: Preset, records: Sequence[dict[str, Any]], epochs
         if unverified:
             lines.append(f"{unverified} published cell(s) are unverified: the source table could not be read here; "
                          f"enter them in results/published/{preset.name}.csv with a table citation.")
+    lines += claim_lines(verdicts)
     lines += ["", "Notes on the recipe:", *[f"- {note}" for note in preset.notes], ""]
     return "\n".join(lines)
+
+
+SUMMARY_COLUMNS = ["preset", "claim", "verdict", "measured", "source"]
+
+
+def claims_summary(results: Sequence[tuple[Preset, Sequence[Verdict], int]]) -> str:
+    """One markdown table of every claim's verdict; ``results``: (preset, its verdicts, epochs run) per preset."""
+    rows = []
+    for preset, verdicts, epochs_run in results:
+        full = preset.schedule.epochs
+        name = preset.name if epochs_run == full else f"{preset.name} ({epochs_run} of {full} epochs)"
+        for verdict in verdicts:
+            cells = [name, f"{verdict.claim}: {verdict.statement}", verdict.verdict,
+                     "; ".join(effect.describe() for effect in verdict.effects), verdict.source]
+            rows.append([cell.replace("|", "\\|") for cell in cells])  # a bare | would split the markdown cell
+    counts = {v: sum(row[2] == v for row in rows) for v in VERDICTS}
+    lines = ["## Claims: verdicts on the measured records", "",
+             to_markdown(pd.DataFrame(rows, columns=SUMMARY_COLUMNS)),
+             ", ".join(f"{n} {v}" for v, n in counts.items()) + ". A claim holds when the 95% bootstrap interval "
+             "of its effect over seeds satisfies it entirely, does not hold when the interval violates it entirely, "
+             "and is inconclusive otherwise (one seed: decided on the point estimate). A shortened schedule's "
+             "verdicts are about that run, not about the paper's recipe.", ""]
+    return "\n".join(lines)
+
+
+def write_reproduction(folder: Path, preset: Preset, records: Sequence[dict[str, Any]],
+                       epochs_run: int) -> tuple[str, list[Verdict]]:
+    """Evaluate the preset's claims and write ``reproduce.md`` (and ``claims.json`` when it has claims) into the
+    run folder; returns the markdown and the verdicts."""
+    verdicts = evaluate_all(preset.claims, records)
+    text = reproduce_markdown(preset, records, epochs_run, verdicts)
+    atomic_write_text(Path(folder) / "reproduce.md", text)
+    if verdicts:
+        atomic_write_text(Path(folder) / "claims.json",
+                          json.dumps([verdict.to_dict() for verdict in verdicts], indent=2) + "\n")
+    return text, verdicts

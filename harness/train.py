@@ -9,6 +9,7 @@ continues after the last completed epoch and, on CPU, reproduces the uninterrupt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -39,6 +40,16 @@ def instantiate(method_spec: str) -> Method:
     """``NAME[:KEY=VALUE...]`` -> a configured method instance (errors are one-line ConfigErrors)."""
     name, options = parse_method_spec(method_spec)
     return get_method(name).from_options(options)
+
+
+def cell_spec(spec: RunSpec, method: Method) -> RunSpec:
+    """The spec ``method``'s cell runs under: ``spec`` itself, or, for a method with ``fixed_bits`` (the
+    full-precision reference: ``(32,)``), ``spec`` with those bits trained and evaluated instead of the
+    comparison's. Data, model, schedule, seeds and budget are the comparison's either way."""
+    fixed = getattr(method, "fixed_bits", None)
+    if fixed is None:
+        return spec
+    return dataclasses.replace(spec, bits=tuple(fixed), eval_bits=None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,8 +118,9 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
               scope: contextlib.ExitStack, *, show_progress: bool, stop_after: int | None,
               on_epoch: Callable[[list[dict[str, Any]]], None] | None) -> CellOutcome:
     """``run_cell``'s body; ``scope`` holds settings that last for the cell (oneDNN off for narrow networks)."""
-    schedule = spec.schedule
     method = instantiate(method_spec)
+    spec = cell_spec(spec, method)
+    schedule = spec.schedule
     method.check_model(spec.model)
     method.check_bits(spec.bits)
     method.check_eval_bits(spec.bits, spec.evaluated_bits)

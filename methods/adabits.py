@@ -13,26 +13,26 @@ Quantizers (weights and activations share the bit-width b):
   initialized to 8 (convolutions) and 10 (classifier), no weight decay.
 * switchable BN: one BN (affine and running statistics) per bit-width.
 
-Where the activation quantizers sit (the mapping onto :mod:`harness.models`): as in the authors' code, every
-quantized layer quantizes its own *input* with its own clipping levels (the quantizer is a submodule of the layer,
-``conv.input_quantizer``); the network's ReLUs stay plain ReLUs (PACT's lower clip is that ReLU again) and residual
-additions, identity shortcuts and pooling carry the unquantized ReLU output, in full precision. So in ``resnet20``
-the last block's ``relu2`` feeds the global average pool in full precision, and the classifier quantizes the
-pooled features at b bits with its own alpha; no extra quantizer sits on ``relu2``. A downsampling block's
-``conv1`` and its 1x1 shortcut convolution read the same tensor through two different alphas (the code's
-behaviour). In ``preact_resnet20`` the classifier's quantizer reads the final BN's output and applies the ReLU
-itself (at 32 bits the code quantizes nothing, so there that input is not rectified).
+Network: the harness's quantized topology (:mod:`harness.topology`), which is where the authors' code puts
+its quantizers: every quantized layer quantizes its own *input* with its own clipping levels (the PACT quantizer
+is a submodule of the layer, ``conv.input_quantizer``); the network's ReLUs stay plain ReLUs (PACT's lower clip
+is that ReLU again) and residual additions, identity shortcuts and pooling carry the unquantized ReLU output in
+full precision. A downsampling block's ``conv1`` and its 1x1 shortcut convolution read the same tensor through
+two different alphas (the code's behaviour). By default the first convolution and the classifier keep
+full-precision weights and inputs and the data set's normalization stays, like every other method's network.
 
-First and last layers: the first convolution (role ``"stem"``) keeps weights at the highest trained bit-width
-(``stem_weight_bits="highest"``, the CIFAR config; ``"max8"`` is the ImageNet rule ``max(b, 8)``) and its input is
-not quantized. The classifier (role ``"head"``) keeps weights at ``max(b, 8)`` (``head_weight_bits="max8"``).
-Downsampling shortcut convolutions are quantized with switchable BN (``fp_shortcut=False``). The input is the raw
-image ``round(255 x)`` without mean/std normalization (``raw_input=True``, the CIFAR config): the model's
-``InputNorm`` is replaced by :class:`RawImageInput`. This is the default because it is the paper's CIFAR setting
-and, in ``resnet20`` and ``resnet18``, the bias-free first convolution is followed by a BN, which removes the
-input's scale and mean (only the rounding to 8-bit values remains). In ``preact_resnet20`` the first block's
-identity shortcut carries the stem output at that raw scale; ``raw_input=False`` keeps the data set's
-normalization instead.
+Departures from that topology (the paper's CIFAR configuration; off by default, recorded in the topology):
+
+* ``quantize_stem=true``: the first convolution's weights at ``stem_weight_bits`` (``"highest"``: the highest
+  trained bit-width, the CIFAR config; ``"max8"``: the ImageNet rule ``max(b, 8)``), its input unquantized;
+* ``quantize_head=true``: the classifier's weights at ``head_weight_bits`` (``max(b, 8)``) and its input, the
+  pooled features, through PACT with its own alpha (in ``preact_resnet20`` that input is the final BN's output,
+  which PACT rectifies; at 32 bits the code quantizes nothing, so there it is not rectified);
+* ``raw_input=true``: the input is the raw image ``round(255 x)`` without mean/std normalization (the model's
+  ``InputNorm`` becomes :class:`RawImageInput`); in ``resnet20`` and ``resnet18`` the bias-free first convolution
+  is followed by a BN, which removes the input's scale and mean, but in ``preact_resnet20`` the first block's
+  identity shortcut carries the stem output at that raw scale;
+* ``fp_shortcut=true`` (an ablation): shortcut convolutions and their BN stay full precision, input included.
 
 Training step (joint training): for b from highest to lowest, set b, forward, cross-entropy with the labels,
 backward; the harness then takes one optimizer step. No distillation, no loss weights, no BN calibration.
@@ -47,14 +47,23 @@ Bit-widths: 1..8 (the nested codes are counted against the one 8-bit copy; the s
 are refused. A bit-width the model was not built for is an error (the authors' code silently falls back to the first
 entry).
 
-Known behaviour at 2 bits (below the recipes' range), measured on ``resnet20``: with the paper's alpha
-initialization the first 2-bit backward pass explodes (largest gradient 6e17 on digits, 1.5e27 on
+Known behaviour of the paper's weight scheme (``weight_scheme=original``) at 2 bits (below the recipes' range),
+measured on ``resnet20`` in the paper's CIFAR configuration (quantized first and last layers, raw input): with the
+paper's alpha initialization the first 2-bit backward pass explodes (largest gradient 6e17 on digits, 1.5e27 on
 Fashion-MNIST, against about 50 at 3..8 bits). The 2-bit weight levels are {-1, -0.5, 0, 0.5} and most small
 weights land on -0.5 or 0, so a conv's output on non-negative input is mostly <= 0; after BN and ReLU few values
 reach the first 2-bit level ``a / 6 = 1.33``, whole channels quantize to zero, the next BN sees zero variance and
 multiplies its input gradient by ``1 / sqrt(eps)`` (about 316), several times over. One SGD step then saturates
-``tanh`` in most shared latent weights, which hurts every bit-width. The method is implemented as published;
-comparisons at 2 bits should say so.
+``tanh`` in most shared latent weights, which hurts every bit-width.
+
+``weight_scheme="centered"`` (the default; ``"original"`` is the paper's scheme above) uses the scheme the
+authors later added to their repository for convergent low-precision training (deJQK/AdaBits,
+``models/quant_ops.py``, scheme ``'centered'``; details in :mod:`methods.quant.sat`): the same nested code ``j``,
+read as ``W_q = (2j + 1) / 2^b - 1``, so the 2-bit levels are {-0.75, -0.25, 0.25, 0.75}, symmetric about 0,
+and a symmetric weight tensor quantizes to zero mean. Codes still nest, so storage is unchanged. Measured over 50
+joint steps at bits (2, 4, 8) on digits (``resnet20``, SGD lr 0.05): the largest gradient L2 norm is 138 (width
+1, batch 128) and 26 (width 0.25, batch 32) against 2.4e19 and 4.9e7 for the paper's scheme, and the 2-bit loss
+falls instead of staying high.
 
 Storage: weights at their bit-width (one copy at the highest for the whole set), per-bit BN (4 values per
 channel) and per-bit alphas (32 bits each), the classifier bias at 32 bits.
@@ -88,9 +97,10 @@ from harness.errors import ConfigError
 from harness.method import Batch, Method, RunContext
 from harness.models import CONVOLUTIONAL_MODELS, role_of
 from harness.registry import register_method
+from harness.topology import Site, Topology, declare_topology, quantize_model
 from methods.anyprecision import create_fp_model
 from methods.quant.dorefa import FULL_PRECISION
-from methods.quant.modules import SwitchableBatchNorm2d, set_model_bits, swap_modules
+from methods.quant.modules import SwitchableBatchNorm2d, set_model_bits
 from methods.quant.pact import SwitchablePACT
 from methods.quant.sat import SATConv2d, SATLinear
 
@@ -103,9 +113,11 @@ class AdaBitsConfig(MethodConfig):
     """AdaBits options; defaults follow the spec (its CIFAR-10 configuration where it names one; module docstring)."""
 
     width: float | None = None
-    raw_input: bool = True
+    raw_input: bool = False
     conv_rescale: bool = True
     fc_rescale: bool = True
+    quantize_stem: bool = False
+    quantize_head: bool = False
     stem_weight_bits: Literal["highest", "max8"] = "highest"
     head_weight_bits: Literal["max8", "highest"] = "max8"
     fp_shortcut: bool = False
@@ -114,6 +126,7 @@ class AdaBitsConfig(MethodConfig):
     fc_alpha_init: float = 10.0
     decay_norm_and_bias: bool = False
     alpha_lr: float | None = None
+    weight_scheme: Literal["original", "centered"] = "centered"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,33 +155,53 @@ class RawImageInput(nn.Module):
         return 0
 
 
-def adabits_network(model: nn.Module, bits_set: tuple[int, ...], cfg: AdaBitsConfig) -> nn.Module:
-    """Swap the layers of a full-precision model from :mod:`harness.models` in place (see the module docstring)."""
+def adabits_topology(model: nn.Module, model_name: str, cfg: AdaBitsConfig) -> Topology:
+    """The harness topology of ``model`` with the departures ``cfg`` asks for (module docstring)."""
+    topology = declare_topology(model, model_name)
+    if cfg.quantize_stem:
+        topology = topology.depart(f"quantize_stem: first-layer weights at {cfg.stem_weight_bits} bits (AdaBits)",
+                                   roles=("stem",), quantize_weight=True)
+    if cfg.quantize_head:
+        topology = topology.depart(f"quantize_head: classifier weights at {cfg.head_weight_bits} bits and a PACT "
+                                   f"input (AdaBits)", roles=("head",), quantize_weight=True, quantize_input=True)
+    if cfg.fp_shortcut:
+        topology = topology.depart("fp_shortcut: shortcut convolutions, their input and BN full precision",
+                                   roles=("shortcut",), quantize_weight=False, quantize_input=False)
+    if cfg.raw_input:
+        topology = topology.depart("raw_input: round(255 x) input instead of the data set's normalization",
+                                   roles=())
+    return topology
+
+
+def adabits_network(model: nn.Module, model_name: str, bits_set: tuple[int, ...], cfg: AdaBitsConfig) -> nn.Module:
+    """Quantize a full-precision model from :mod:`harness.models` in place (see the module docstring)."""
     bits_set = tuple(sorted(bits_set))
 
     def pact(init: float) -> SwitchablePACT:
         return SwitchablePACT(bits_set, init, switchable=cfg.switchable_clipping)
 
-    def swap(module: nn.Module) -> nn.Module | None:
-        role = role_of(module)
-        if role == "input":
-            return RawImageInput() if cfg.raw_input else module
-        if role in ("shortcut", "shortcut_norm") and cfg.fp_shortcut:
-            return module
-        if isinstance(module, nn.Conv2d):
-            if role == "stem":
-                return SATConv2d.from_conv(module, bits_set=bits_set, weight_bits_rule=cfg.stem_weight_bits,
-                                           rescale=cfg.conv_rescale, input_quantizer=None)
-            return SATConv2d.from_conv(module, bits_set=bits_set, weight_bits_rule="same", rescale=cfg.conv_rescale,
-                                       input_quantizer=pact(cfg.conv_alpha_init))
-        if isinstance(module, nn.BatchNorm2d):
-            return SwitchableBatchNorm2d.from_norm(module, bits_set)
-        if isinstance(module, nn.Linear) and role == "head":
+    def layer(module: nn.Module, site: Site) -> nn.Module:
+        if site.role == "stem":
+            return SATConv2d.from_conv(module, bits_set=bits_set, weight_bits_rule=cfg.stem_weight_bits,
+                                       rescale=cfg.conv_rescale, input_quantizer=None, weight_scheme=cfg.weight_scheme)
+        if site.role == "head":
             return SATLinear.from_linear(module, bits_set=bits_set, weight_bits_rule=cfg.head_weight_bits,
-                                         rescale=cfg.fc_rescale, input_quantizer=pact(cfg.fc_alpha_init))
-        return None
+                                         rescale=cfg.fc_rescale, input_quantizer=pact(cfg.fc_alpha_init),
+                                         weight_scheme=cfg.weight_scheme)
+        if not (site.quantize_weight and site.quantize_input):
+            raise ConfigError(f"adabits quantizes a convolution's weights and input together; site {site.name} "
+                              f"asks for something else")
+        return SATConv2d.from_conv(module, bits_set=bits_set, weight_bits_rule="same", rescale=cfg.conv_rescale,
+                                   input_quantizer=pact(cfg.conv_alpha_init), weight_scheme=cfg.weight_scheme)
 
-    swap_modules(model, swap)
+    def norm(bn: nn.BatchNorm2d) -> nn.Module:
+        if cfg.fp_shortcut and role_of(bn) == "shortcut_norm":
+            return bn
+        return SwitchableBatchNorm2d.from_norm(bn, bits_set)
+
+    quantize_model(model, adabits_topology(model, model_name, cfg), layer=layer, norm=norm)
+    if cfg.raw_input:
+        model.input_norm = RawImageInput()
     model.mbq_bits_set = bits_set
     return model
 
@@ -194,7 +227,7 @@ class AdaBits(Method):
     def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any, width: float):
         self.check_bits(bits)
         model = create_fp_model(model_name, num_classes, data_info, self.cfg.width or width)
-        return adabits_network(model, bits, self.cfg)
+        return adabits_network(model, model_name, bits, self.cfg)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         alpha_ids = {id(p) for m in model.modules() if isinstance(m, SwitchablePACT) for p in m.parameters()}

@@ -2,8 +2,8 @@
 
 Each bit-width gets its own copy of the network, quantized with the same DoReFa quantizers as Any-Precision
 (:mod:`methods.quant.dorefa`) and trained with cross-entropy under the same schedule. All copies start from the
-same full-precision initialization and see the same batches (options as in
-:mod:`methods.anyprecision`); their parameters are disjoint, so training them in
+same full-precision initialization, see the same batches and follow the harness's quantized topology (options as
+in :mod:`methods.anyprecision`, ``fp_shortcut`` included); their parameters are disjoint, so training them in
 one loop with one optimizer is the same as training them one after the other, and the measured cost is the sum
 over bit-widths. Storage at b bits is that network's; the switchable "set" is all networks together.
 """
@@ -23,7 +23,7 @@ from harness.errors import ConfigError
 from harness.method import Batch, Method, RunContext
 from harness.models import CONVOLUTIONAL_MODELS
 from harness.registry import register_method
-from methods.anyprecision import create_fp_model, dorefa_quantize, resolve_fp_shortcut
+from methods.anyprecision import create_fp_model, dorefa_quantize
 from methods.quant.dorefa import FULL_PRECISION
 
 
@@ -31,7 +31,7 @@ from methods.quant.dorefa import FULL_PRECISION
 class DedicatedConfig(MethodConfig):
     width: float | None = None
     quantizer: Literal["dorefa"] = "dorefa"
-    fp_shortcut: bool | None = None
+    fp_shortcut: bool = False
     full_precision_act: Literal["relu", "clamp"] = "relu"
 
     def __post_init__(self) -> None:
@@ -72,9 +72,9 @@ class Dedicated(Method):
     def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any, width: float):
         initial = create_fp_model(model_name, num_classes, data_info, self.cfg.width or width)
         # Same initial weights for every bit-width; only the fixed precision differs.
-        fp_shortcut = resolve_fp_shortcut(self.cfg.fp_shortcut, model_name)
+        fp_shortcut = self.cfg.fp_shortcut
         networks = {
-            b: dorefa_quantize(copy.deepcopy(initial), (b,), fp_shortcut=fp_shortcut,
+            b: dorefa_quantize(copy.deepcopy(initial), model_name, (b,), fp_shortcut=fp_shortcut,
                                full_precision_act=self.cfg.full_precision_act, total_weight_bits=FULL_PRECISION)
             for b in bits
         }

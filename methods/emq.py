@@ -45,7 +45,9 @@ Choices the sources leave open (UNRESOLVED), each a config option with its defau
   gradient, not counted as a sample-pass);
 * ``act_bits=None`` (activations at the weight bit-width; e.g. 4: 4-bit activations at every weight bit-width
   below 32, the paper's fixed-activation setting);
-* ``fp_shortcut=True`` (full-precision 1x1 shortcut convolutions, the Any-Precision code EMQ extends);
+* Network: the harness's quantized topology (:mod:`harness.topology`; activation quantizers at the inputs of
+  quantized convolutions, full-precision residual stream). Departure, off by default: ``fp_shortcut=true``
+  (full-precision 1x1 shortcut weights, the Any-Precision code EMQ extends; on in the EMQ paper preset);
   ``full_precision_act="relu"`` (32-bit activation as Any-Precision's code);
 * ViT: signed LSQ with one step per layer and bit-width, initialized to ``2 mean|x| / sqrt(Q_p)`` on the first
   training batch (the LSQ paper); a bit-width never trained gets the same initialization from the first
@@ -77,16 +79,18 @@ from harness.data import ImageSet
 from harness.errors import ConfigError, TrainingDiverged
 from harness.loader import derived_generator, epoch_batches, steps_per_epoch
 from harness.method import Batch, Method, RunContext
-from harness.models import CONVOLUTIONAL_MODELS, role_of
+from harness.models import CONVOLUTIONAL_MODELS
 from harness.optim import build_optimizers, set_lr
 from harness.registry import register_method
+from harness.topology import Site, declare_topology, quantize_model
 from methods.anyprecision import create_fp_model
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.coreset import TDDSRecorder, coreset_size, draw_coreset, sampling_probabilities
 from methods.quant.distill import soft_cross_entropy
 from methods.quant.dorefa import FULL_PRECISION, dorefa_activation, dorefa_weight
 from methods.quant.lsq import LSQActivation
-from methods.quant.modules import QuantAct, QuantConv2d, WeightQuantizer, swap_modules
+from methods.quant.modules import QuantConv2d, WeightQuantizer
+from methods.quant.networks import method_topology
 from methods.quant.shared_bn import SharedBatchNorm2d, adapt_batchnorm
 from methods.quant.statsq import statsq_weight
 from methods.quant.vit import quantize_vit
@@ -116,7 +120,7 @@ class EMQConfig(MethodConfig):
     bn_adapt_batches: int = 100
     distill: Literal["none", "recursive"] = "none"
     act_bits: int | None = None
-    fp_shortcut: bool = True
+    fp_shortcut: bool = False
     full_precision_act: Literal["relu", "clamp"] = "relu"
 
     def __post_init__(self) -> None:
@@ -197,10 +201,10 @@ class EMQ(Method):
               width: float) -> nn.Module:
         model = create_fp_model(model_name, num_classes, data_info, self.cfg.width or width)
         if model_name in VIT_MODELS:
-            return self._build_vit(model, bits)
-        return self._build_cnn(model, bits)
+            return self._build_vit(model, model_name, bits)
+        return self._build_cnn(model, model_name, bits)
 
-    def _build_cnn(self, model: nn.Module, bits: tuple[int, ...]) -> nn.Module:
+    def _build_cnn(self, model: nn.Module, model_name: str, bits: tuple[int, ...]) -> nn.Module:
         cfg, top = self.cfg, max(bits)
         quantizer = self._weight_quantizer(dorefa_weight)
         activation = partial(emq_activation, act_bits=cfg.act_bits, full_precision_act=cfg.full_precision_act)
@@ -212,28 +216,26 @@ class EMQ(Method):
                 return 1
             return 2 if cfg.bias_correction == "per_layer" else 2 * conv.out_channels
 
-        def swap(module: nn.Module) -> nn.Module | None:
-            role = role_of(module)
-            if role in ("input", "stem", "head") or (role == "shortcut" and cfg.fp_shortcut):
-                return module
-            if isinstance(module, nn.Conv2d):
-                return QuantConv2d.from_conv(module, weight_quantizer=quantizer, bits=top,
-                                             scales_per_layer=conv_constants(module))
-            if isinstance(module, nn.BatchNorm2d):
-                return SharedBatchNorm2d.from_norm(module, bits, bn_mode, cfg.share_binary_bn)
-            if isinstance(module, nn.ReLU):
-                return QuantAct(activation, bits=top)
-            return None
+        def layer(conv: nn.Conv2d, site: Site) -> nn.Module:
+            weight = quantizer if site.quantize_weight else None
+            return QuantConv2d.from_conv(conv, weight_quantizer=weight,
+                                         input_quantizer=activation if site.quantize_input else None, bits=top,
+                                         scales_per_layer=conv_constants(conv))
 
-        return swap_modules(model, swap)
+        def norm(bn: nn.BatchNorm2d) -> nn.Module:
+            return SharedBatchNorm2d.from_norm(bn, bits, bn_mode, cfg.share_binary_bn)
 
-    def _build_vit(self, model: nn.Module, bits: tuple[int, ...]) -> nn.Module:
+        topology = method_topology(model, model_name, fp_shortcut=cfg.fp_shortcut)
+        return quantize_model(model, topology, layer=layer, norm=norm)
+
+    def _build_vit(self, model: nn.Module, model_name: str, bits: tuple[int, ...]) -> nn.Module:
         if 1 in bits or self.cfg.act_bits == 1:
             raise ConfigError("emq on a ViT quantizes activations with signed LSQ, which has no 1-bit form; "
                               "drop 1 from --bits")
         # StatsQ stores a scale per output row; bias correction adds a fused offset per row.
         per_output = 1 if self.cfg.bias_correction == "off" else 2
-        return quantize_vit(model, weight_quantizer=self._weight_quantizer(statsq_weight), bits=max(bits),
+        return quantize_vit(model, declare_topology(model, model_name),
+                            weight_quantizer=self._weight_quantizer(statsq_weight), bits=max(bits),
                             act_bits=self.cfg.act_bits, scales_per_output=per_output)
 
     # -- training -----------------------------------------------------------------------------------------------

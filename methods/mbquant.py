@@ -31,7 +31,10 @@ spec ``shared/specs/mbquant.md`` (formulas of the paper and a reading of the aut
   resnet20 only the active branches' slices of it and of its BN), the FC, ``b``'s BN, and the active branches'
   bounds. The whole set: every branch (``2G`` bits per base weight), every bit-width's BN and activation bounds.
 
-Supported: ``resnet20`` and ``resnet18``; even bit-widths 2..16 (odd ones: see ``odd_bits`` below).
+Supported: ``resnet20``, ``preact_resnet20`` (not in the paper: pre-activation branch blocks and a final
+per-bit-width BN before the branch mean, by analogy) and ``resnet18``; even bit-widths 2..16 (odd ones: see
+``odd_bits`` below). The branch network follows the harness topology (:mod:`harness.topology`): its layers
+carry the sites' names and are checked against the full-precision model's shapes at build time.
 
 UNRESOLVED details (spec default, each a config option):
 
@@ -55,7 +58,7 @@ UNRESOLVED details (spec default, each a config option):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -68,6 +71,8 @@ from harness.errors import ConfigError
 from harness.method import Batch, Method, RunContext
 from harness.models import InputNorm, ResNet18, stage_widths, tag
 from harness.registry import register_method
+from harness.topology import Site, Topology, declare_topology, site_role, tag_blocks, tag_sites
+from methods.anyprecision import create_fp_model
 from methods.quant.branches import (
     BranchAverage,
     BranchConv2d,
@@ -85,7 +90,7 @@ from methods.quant.modules import set_model_bits
 
 MAX_BITS = 16
 DEFAULT_INIT_BATCH = 128
-SUPPORTED_MODELS = ("resnet20", "resnet18")
+SUPPORTED_MODELS = ("resnet20", "preact_resnet20", "resnet18")
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ class MultiBranchBlock(nn.Module):
         self.downsample: nn.Module | None = None
         if stride != 1 or in_per_branch != out_per_branch:
             self.downsample = nn.Sequential(
-                conv(in_per_branch, out_per_branch, 1, stride, quantized=cfg.shortcut == "quantized"),
+                tag(conv(in_per_branch, out_per_branch, 1, stride, quantized=cfg.shortcut == "quantized"), "shortcut"),
                 BranchSwitchableBatchNorm2d(out_per_branch, selection),
             )
         self.shuffle = shuffle and self.downsample is not None
@@ -149,6 +154,37 @@ class MultiBranchBlock(nn.Module):
         return self.relu2(out + shortcut)
 
 
+class MultiBranchPreActBlock(nn.Module):
+    """Pre-activation block of branch convs (as :class:`harness.models.PreActBlock`): BN-ReLU-conv-BN-ReLU-conv
+    plus shortcut, per branch; a downsampling shortcut reads the first ReLU's output."""
+
+    def __init__(self, in_per_branch: int, out_per_branch: int, stride: int, num_branches: int,
+                 selection: Selection, cfg: MBQuantConfig, shuffle: bool = False) -> None:
+        super().__init__()
+
+        def conv(cin: int, cout: int, kernel: int, stride: int, quantized: bool = True) -> BranchConv2d:
+            return BranchConv2d(cin, cout, kernel, stride, kernel // 2, num_branches, selection, quantized=quantized,
+                                bounds_by=cfg.bounds_by, backward_scaling=cfg.ste_scale)
+
+        self.bn1 = BranchSwitchableBatchNorm2d(in_per_branch, selection)
+        self.act1 = nn.ReLU()
+        self.conv1 = conv(in_per_branch, out_per_branch, 3, stride)
+        self.bn2 = BranchSwitchableBatchNorm2d(out_per_branch, selection)
+        self.act2 = nn.ReLU()
+        self.conv2 = conv(out_per_branch, out_per_branch, 3, 1)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_per_branch != out_per_branch:
+            self.shortcut = nn.Sequential(
+                tag(conv(in_per_branch, out_per_branch, 1, stride, quantized=cfg.shortcut == "quantized"), "shortcut"),
+                BranchSwitchableBatchNorm2d(out_per_branch, selection),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.act1(self.bn1(x))
+        out = self.conv2(self.act2(self.bn2(self.conv1(activated))))
+        return out + (x if self.shortcut is None else self.shortcut(activated))
+
+
 class MultiBranchResNet(nn.Module):
     """A ResNet whose body is ``num_branches`` 2-bit branches; ``set_model_bits`` selects the active window.
 
@@ -157,7 +193,8 @@ class MultiBranchResNet(nn.Module):
     """
 
     def __init__(self, *, stem: nn.Module, widths: Sequence[int], blocks_per_stage: int, num_classes: int, mean,
-                 std, num_branches: int, selection: Selection, cfg: MBQuantConfig, shuffle: bool) -> None:
+                 std, num_branches: int, selection: Selection, cfg: MBQuantConfig, shuffle: bool,
+                 block: type[nn.Module] = MultiBranchBlock, final_norm: bool = False) -> None:
         super().__init__()
         self.num_branches = num_branches
         self.selection = dict(selection)
@@ -168,9 +205,11 @@ class MultiBranchResNet(nn.Module):
         for stage, out_width in enumerate(widths):
             for index in range(blocks_per_stage):
                 stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(MultiBranchBlock(in_width, out_width, stride, num_branches, selection, cfg, shuffle))
+                blocks.append(block(in_width, out_width, stride, num_branches, selection, cfg, shuffle))
                 in_width = out_width
         self.blocks = nn.Sequential(*blocks)
+        # Pre-activation networks end with a BN (per bit-width and branch here) before pooling, no ReLU.
+        self.final_norm = BranchSwitchableBatchNorm2d(in_width, selection) if final_norm else nn.Identity()
         self.branch_mean = BranchAverage(in_width, selection)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = tag(nn.Linear(in_width, num_classes), "head")
@@ -183,7 +222,7 @@ class MultiBranchResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(self.input_norm(x))
-        x = self.pool(self.branch_mean(self.blocks(x)))
+        x = self.pool(self.branch_mean(self.final_norm(self.blocks(x))))
         return self.fc(torch.flatten(x, 1))
 
 
@@ -197,6 +236,18 @@ def multi_branch_resnet20(num_classes: int, data_info: Any, width: float, num_br
     return MultiBranchResNet(stem=stem, widths=widths, blocks_per_stage=3, num_classes=num_classes,
                              mean=data_info.mean, std=data_info.std, num_branches=num_branches, selection=selection,
                              cfg=cfg, shuffle=bool(cfg.shuffle))
+
+
+def multi_branch_preact_resnet20(num_classes: int, data_info: Any, width: float, num_branches: int,
+                                 selection: Selection, cfg: MBQuantConfig) -> MultiBranchResNet:
+    """Pre-activation ResNet-20 (as ``harness.models``' ``preact_resnet20``; not in the paper, built by analogy with
+    its ResNet-20): each branch its own slice of the full-precision stem, no BN or ReLU after it, pre-activation
+    branch blocks, a final per-bit-width BN, then the branch mean, pooling and the FC."""
+    widths = stage_widths(width)
+    stem = BranchStemConv2d(data_info.in_chans, widths[0], 3, num_branches, selection)
+    return MultiBranchResNet(stem=stem, widths=widths, blocks_per_stage=3, num_classes=num_classes,
+                             mean=data_info.mean, std=data_info.std, num_branches=num_branches, selection=selection,
+                             cfg=cfg, shuffle=False, block=MultiBranchPreActBlock, final_norm=True)
 
 
 def multi_branch_resnet18(num_classes: int, data_info: Any, width: float, num_branches: int, selection: Selection,
@@ -217,7 +268,45 @@ def multi_branch_resnet18(num_classes: int, data_info: Any, width: float, num_br
                              shuffle=True if cfg.shuffle is None else cfg.shuffle)
 
 
-BUILDERS = {"resnet20": multi_branch_resnet20, "resnet18": multi_branch_resnet18}
+BUILDERS = {"resnet20": multi_branch_resnet20, "preact_resnet20": multi_branch_preact_resnet20,
+            "resnet18": multi_branch_resnet18}
+
+
+def mbquant_topology(model_name: str, num_classes: int, data_info: Any, width: float,
+                     cfg: MBQuantConfig) -> tuple[Topology, Callable[[Site, nn.Module], str | None]]:
+    """The harness topology of the full-precision ``model_name`` (one branch's shapes), with MBQuant's departure,
+    and a check that a branch layer has its site's per-branch shape."""
+    with torch.random.fork_rng():  # the reference model must not shift the branch network's initialization
+        fp_model = create_fp_model(model_name, num_classes, data_info, width)
+    topology = declare_topology(fp_model, model_name)
+    if cfg.shortcut == "full_precision":
+        topology = topology.depart("shortcut=full_precision: shortcut branch convolutions and their inputs full "
+                                   "precision (MBQuant option)", roles=("shortcut",), quantize_weight=False,
+                                   quantize_input=False)
+    shapes = {name: m for name, m in fp_model.named_modules()}
+
+    def check(site: Site, layer: nn.Module) -> str | None:
+        reference = shapes[site.name]
+        if isinstance(layer, BranchConv2d):
+            ours = (layer.in_per_branch, layer.out_per_branch, layer.weight.shape[-1], layer.stride)
+            theirs = (reference.in_channels, reference.out_channels, reference.kernel_size[0], reference.stride[0])
+            return None if ours == theirs else f"per-branch (in, out, kernel, stride) {ours} vs {theirs}"
+        if isinstance(layer, BranchStemConv2d):
+            ok = layer.out_per_branch == reference.out_channels
+            return None if ok else f"{layer.out_per_branch} output channels per branch vs {reference.out_channels}"
+        same = tuple(layer.weight.shape) == tuple(reference.weight.shape)
+        return None if same else f"weight shape {tuple(layer.weight.shape)} vs {tuple(reference.weight.shape)}"
+
+    return topology, check
+
+
+def tag_mbquant_sites(model: MultiBranchResNet, topology: Topology, check) -> None:
+    """Give the branch network's layers and blocks the names of the harness topology's sites, in order."""
+    layers = [(site_role(m), m) for m in model.modules()
+              if isinstance(m, (BranchConv2d, BranchStemConv2d, nn.Conv2d, nn.Linear))]
+    tag_sites(topology, layers, check=check)
+    tag_blocks(topology, list(model.blocks))
+    model.mbq_topology = topology
 
 
 @torch.no_grad()
@@ -265,7 +354,10 @@ class MBQuant(Method):
               width: float) -> nn.Module:
         self.check_model(model_name)
         selection = self.selection_for(tuple(bits))
-        return BUILDERS[model_name](num_classes, data_info, width, max(bits) // 2, selection, self.cfg)
+        topology, check = mbquant_topology(model_name, num_classes, data_info, width, self.cfg)
+        model = BUILDERS[model_name](num_classes, data_info, width, max(bits) // 2, selection, self.cfg)
+        tag_mbquant_sites(model, topology, check)
+        return model
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         bounds = model.bound_parameters()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 
 import pytest
@@ -41,6 +42,8 @@ def write_bad_fashion_mnist(root):
     ["--budget", "passes=3"], ["--budget", "sample-passes=0"], ["--budget", "device-hours=abc"],
     ["--amp", "fp8"], ["--data-on", "gpu"], ["--threads", "0"],
     ["--executor", "slurm"], ["--partition", "gpu"],
+    ["--reference", "int8"], ["--methods", "anyprecision,fp", "--reference", "none"], ["--methods", "fp"],
+    ["--baseline", "fp", "--reference", "none"],
     ["--dataset", "fashion-mnist", "--data-root", "{tmp}/missing"],
     ["--dataset", "cifar10", "--data-root", "{tmp}/missing"],
     ["--dataset", "fashion-mnist", "--data-root", "{tmp}/corrupt"],
@@ -81,6 +84,8 @@ def test_compare_writes_every_file_and_report_rebuilds_the_table(capsys, tmp_pat
     for name in ("spec.json", "env.json", "log.csv", "summary.csv", "table.md", "table.tex", "accuracy.png"):
         assert (out_dir / name).is_file(), name
     assert out.startswith("| method |") and "| anyprecision |" in out and "| dedicated |" in out
+    assert out.splitlines()[2].startswith("| fp (reference) |")  # the default --reference fp, the first row
+    assert (out_dir / "cells" / "fp__seed0" / "record.json").is_file()
     header = (out_dir / "summary.csv").read_text().splitlines()[0].split(",")
     required = "method,bits,top1,top5,storage_mb,storage_total_mb,device_hours,sample_passes,device,dataset,model," \
                "epochs,seed".split(",")
@@ -105,7 +110,8 @@ def test_help_explains_every_command(capsys, command):
     assert code == 0 and "Usage:" in out
     if command == ["compare"]:
         for option in ("--methods", "--bits", "--epochs", "--seed", "--out", "--train-subset", "--device", "--budget",
-                       "--amp", "--channels-last", "--compile", "--data-on", "--executor", "--threads"):
+                       "--amp", "--channels-last", "--compile", "--data-on", "--executor", "--threads",
+                       "--reference"):
             assert option in out
 
 
@@ -119,7 +125,17 @@ def test_budget_run_tabulates_epochs_run_and_report_rebuilds_it_byte_for_byte(ca
     args = ["compare", "--methods", "anyprecision,dedicated", *TINY, "--budget", "sample-passes=200",
             "--out", str(out_dir)]
     code, out, _ = run_cli(capsys, args)
-    assert code == 0 and "epochs run" in out and "Equal-cost run" in out
+    assert code == 0 and "epochs run" in out and "Equal-cost run" in out and "| fp (reference) |" in out
     table = (out_dir / "table.md").read_bytes()
     code, _, _ = run_cli(capsys, ["report", str(out_dir), "--out", str(tmp_path / "rebuilt")])
     assert code == 0 and (tmp_path / "rebuilt" / "table.md").read_bytes() == table
+
+
+def test_reference_none_trains_and_tabulates_no_fp(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    code, out, _ = run_cli(capsys, ["compare", "--methods", "dedicated", *TINY, "--reference", "none",
+                                    "--out", str(out_dir)])
+    assert code == 0 and "| dedicated |" in out and "fp" not in out.split("\n\n")[0]
+    assert [p.name for p in (out_dir / "cells").iterdir()] == ["dedicated__seed0"]
+    assert json.loads((out_dir / "spec.json").read_text())["reference"] == "none"
+    assert not any(line.startswith("fp,") for line in (out_dir / "summary.csv").read_text().splitlines())

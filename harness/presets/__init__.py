@@ -2,7 +2,8 @@
 numbers (``results/published/<name>.csv``, with their source) and a note on every uncertain point.
 
 ``python cli.py reproduce NAME`` runs a preset and prints published vs measured numbers with the gap; empty
-published cells are shown as unverified, never filled in.
+published cells are shown as unverified, never filled in. A preset may also carry ``claims``
+(:class:`harness.claims.Claim`): the paper's checkable statements, each given a verdict on the measured records.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.claims import Claim, check_claims
 from harness.config import RunSpec, Schedule
 from harness.errors import ConfigError, MbqError
 
@@ -37,6 +39,11 @@ class Preset:
     notes: tuple[str, ...] = ()
     data_needs: str = ""
     speedup_baseline: str | None = None
+    claims: tuple[Claim, ...] = ()
+
+    def __post_init__(self) -> None:
+        # a claim naming a method the preset does not run could never be decided: fail when the preset loads
+        object.__setattr__(self, "claims", check_claims(self.claims, self.methods, self.eval_bits or self.bits))
 
     def run_spec(self, *, epochs: int | None = None, seeds: tuple[int, ...] = (0,), data_root: str | None = None,
                  train_subset: int | None = None, test_subset: int | None = None, device: str = "auto",
@@ -100,6 +107,11 @@ def _discover() -> None:
 def list_presets() -> list[str]:
     _discover()
     return sorted(_PRESETS)
+
+
+def claim_presets() -> list[str]:
+    """The presets that carry claims (``reproduce --all-claims`` runs these)."""
+    return [name for name in list_presets() if _PRESETS[name].claims]
 
 
 def get_preset(name: str) -> Preset:

@@ -227,6 +227,14 @@ class BranchConv2d(BranchSwitchable, nn.Module):
             self.act_upper = nn.ParameterDict(
                 {str(b): nn.Parameter(torch.full((count,), 3.0)) for b, (_, count) in self.selection.items()})
 
+    @property
+    def quantizes_weight(self) -> bool:
+        return self.quantized
+
+    @property
+    def quantizes_input(self) -> bool:
+        return self.quantized
+
     def bound_parameters(self) -> list[nn.Parameter]:
         if not self.quantized:
             return []

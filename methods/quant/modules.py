@@ -44,7 +44,9 @@ class BitSwitchable:
 
 
 class QuantConv2d(BitSwitchable, nn.Conv2d):
-    """A ``Conv2d`` whose weight goes through ``weight_quantizer(weight, bits)`` on every forward pass.
+    """A ``Conv2d`` that quantizes its input with ``input_quantizer(x, bits)`` and its weight with
+    ``weight_quantizer(weight, bits)`` on every forward pass; either may be None (that part stays full precision,
+    as a topology departure such as a full-precision shortcut asks).
 
     ``scales_per_layer`` is the number of 32-bit scale factors deployment stores beside the integer codes
     (1 for DoReFa's ``E``). ``total_weight_bits`` is how many bits per weight the switchable set stores
@@ -62,16 +64,26 @@ class QuantConv2d(BitSwitchable, nn.Conv2d):
         groups: int = 1,
         bias: bool = False,
         *,
-        weight_quantizer: WeightQuantizer,
+        weight_quantizer: WeightQuantizer | None,
+        input_quantizer: ActQuantizer | None = None,
         bits: int = FLOAT_BITS,
         scales_per_layer: int = 1,
         total_weight_bits: int = FLOAT_BITS,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
         self.bits = bits
-        self.scales_per_layer = scales_per_layer
-        self.total_weight_bits = total_weight_bits
+        self.scales_per_layer = scales_per_layer if weight_quantizer is not None else 0
+        self.total_weight_bits = total_weight_bits if weight_quantizer is not None else FLOAT_BITS
+
+    @property
+    def quantizes_weight(self) -> bool:
+        return self.weight_quantizer is not None
+
+    @property
+    def quantizes_input(self) -> bool:
+        return self.input_quantizer is not None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **kwargs) -> QuantConv2d:
@@ -83,16 +95,21 @@ class QuantConv2d(BitSwitchable, nn.Conv2d):
         return copy_weight_and_bias(conv, layer)
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.weight_quantizer is None:
+            return self.weight
         return self.weight_quantizer(self.weight, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x, self.bits)
         return F.conv2d(x, self.quantized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _bias_bits(self) -> int:
         return 0 if self.bias is None else self.bias.numel() * FLOAT_BITS
 
     def storage_bits(self, bits: int) -> int:
-        return self.weight.numel() * min(bits, FLOAT_BITS) + self.scales_per_layer * FLOAT_BITS + self._bias_bits()
+        weight_bits = min(bits, FLOAT_BITS) if self.weight_quantizer is not None else FLOAT_BITS
+        return self.weight.numel() * weight_bits + self.scales_per_layer * FLOAT_BITS + self._bias_bits()
 
     def storage_bits_total(self, bits_set: Iterable[int]) -> int:
         return self.storage_bits(self.total_weight_bits)

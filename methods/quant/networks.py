@@ -1,43 +1,24 @@
-"""Turn a full-precision model from :mod:`harness.models` into a quantized one by swapping layers by role.
+"""Helpers shared by the DoReFa-based methods (Any-Precision, Dedicated, EMQ) to build through the harness's
+quantized topology (:mod:`harness.topology`).
 
-Convention shared by the methods here (Any-Precision, AdaBits, Dedicated): the input normalization, the stem
-convolution and the classifier stay full precision; every other convolution, batch norm and ReLU is replaced
-by the method's factories. ``fp_shortcut`` keeps downsampling-shortcut convolutions full precision and their BN
-a plain BN shared by all bit-widths (a quirk of the Any-Precision code, kept as its default for fidelity).
+``fp_shortcut`` is the one departure these methods know: downsampling-shortcut 1x1 convolutions keep
+full-precision weights (their input, the same activation the block's first convolution reads, stays quantized).
+It is Any-Precision's code (a plain ``nn.Conv2d`` reading the quantized activation in ``resnet20q``), off by
+default so that every method quantizes the same network; the paper presets turn it on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
-from harness.models import role_of
-from methods.quant.modules import swap_modules
+from harness.topology import Topology, declare_topology
 
-ALWAYS_FULL_PRECISION = ("input", "stem", "head")
+FP_SHORTCUT_REASON = "fp_shortcut: 1x1 shortcut convolutions keep full-precision weights (Any-Precision's code)"
 
 
-def quantize_network(
-    model: nn.Module,
-    *,
-    conv: Callable[[nn.Conv2d], nn.Module],
-    norm: Callable[[nn.BatchNorm2d], nn.Module],
-    act: Callable[[nn.Module], nn.Module],
-    fp_shortcut: bool = False,
-) -> nn.Module:
-    """Swap layers of ``model`` in place and return it."""
-    kept_roles = ALWAYS_FULL_PRECISION + (("shortcut", "shortcut_norm") if fp_shortcut else ())
-
-    def swap(module: nn.Module) -> nn.Module | None:
-        if role_of(module) in kept_roles:
-            return module
-        if isinstance(module, nn.Conv2d):
-            return conv(module)
-        if isinstance(module, nn.BatchNorm2d):
-            return norm(module)
-        if isinstance(module, nn.ReLU):
-            return act(module)
-        return None
-
-    return swap_modules(model, swap)
+def method_topology(model: nn.Module, model_name: str, *, fp_shortcut: bool) -> Topology:
+    """The harness topology of ``model``, with the full-precision shortcut departure if asked for."""
+    topology = declare_topology(model, model_name)
+    if fp_shortcut:
+        topology = topology.depart(FP_SHORTCUT_REASON, roles=("shortcut",), quantize_weight=False)
+    return topology

@@ -20,6 +20,29 @@ arXiv 1912.09666), Sec. 3.2 ("modified" weight scheme):
 
 Per-layer weight precision follows a rule (:data:`WEIGHT_BITS_RULES`): ``same`` (b), ``highest`` (the highest
 bit-width of the set) or ``max8`` (``max(b, 8)``); AdaBits uses them for the first and last layers.
+
+Weight schemes (:data:`WEIGHT_SCHEMES`, keyword ``weight_scheme`` of :func:`sat_weight` and of the layers):
+
+* ``"original"`` (the default): the scheme above, the one of the AdaBits paper. The authors' code calls it
+  ``'modified'``; their ``'original'`` is DoReFa's ``round((2^b - 1) u) / (2^b - 1)``, which is not offered here.
+* ``"centered"``: added later to the authors' repository (github.com/deJQK/AdaBits, commit 0d62640 "centered
+  scheme", Dec 2022: ``models/quant_ops.py`` lines 29-32 and the README section "Centered Weight Quantization for
+  Low Precision", which recommends it for convergent low-precision training because the weights then have zero
+  mean). The code is the same, ``j = min(floor(2^b u), 2^b - 1)``; it is read as the centre of its bucket,
+  ``q = (j + 1/2) / 2^b``, so ``W_q = 2q - 1 = (2j + 1) / 2^b - 1``. The 2^b levels are the odd multiples of
+  ``2^-b`` in ``(-1, 1)``, symmetric about 0, with neither 0 nor +-1: ``+-1/2`` at 1 bit, ``{+-1/4, +-3/4}`` at
+  2 bits, ``+-1/8 .. +-7/8`` at 3 bits, ``+-1/256 .. +-255/256`` at 8 bits. Equivalently, the paper's ``W_q``
+  plus ``2^-b``: the same std, hence the same rescale factor, and the same straight-through gradient (the
+  half-step is a constant). The 32-bit path is the same for both schemes.
+* Nesting under ``"centered"``: the level *values* do not nest (the 2-bit level 1/4 = 64/256 is not among the
+  8-bit levels, which are odd multiples of 1/256), but the *codes* do, exactly as before:
+  ``j_b = j_8 >> (8 - b)``. A b-bit level is the mean of the 2^(8-b) 8-bit levels that share its top b code bits,
+  and it is a fixed function of those bits and of b alone: ``(2 j_b + 1 - 2^b) / 2^b``; the half-step offset is
+  a per-bit-width constant, not stored per weight (an integer kernel computes ``2 sum j_b x + (1 - 2^b) sum x``,
+  the second term once per output position). So a deployed switchable set still needs one copy of the codes at
+  the highest bit-width and ``storage_bits`` / ``storage_bits_total`` count the same under both schemes.
+  Floats remain exact: the code is formed as before, ``j + 1/2`` and the division by ``2^b`` are exact for
+  ``b <= 8``, and ``(2j + 1) / 2^b - 1`` is a multiple of ``2^-b`` in ``[-1, 1]``.
 """
 
 from __future__ import annotations
@@ -39,6 +62,8 @@ from methods.quant.pact import SwitchablePACT
 
 WeightBitsRule = Literal["same", "highest", "max8"]
 WEIGHT_BITS_RULES: tuple[str, ...] = ("same", "highest", "max8")
+WeightScheme = Literal["original", "centered"]
+WEIGHT_SCHEMES: tuple[str, ...] = ("original", "centered")
 
 
 def sat_normalize(weight: torch.Tensor) -> torch.Tensor:
@@ -47,21 +72,35 @@ def sat_normalize(weight: torch.Tensor) -> torch.Tensor:
     return squashed / squashed.abs().max()
 
 
-def nested_quantize_unit(unit: torch.Tensor, bits: int) -> torch.Tensor:
-    """``min(floor(2^bits u), 2^bits - 1) / 2^bits`` for ``u`` in [0, 1], gradient straight through."""
+def check_weight_scheme(scheme: str) -> str:
+    """``scheme`` if it is one of :data:`WEIGHT_SCHEMES`, else a :class:`ConfigError`."""
+    if scheme not in WEIGHT_SCHEMES:
+        raise ConfigError(f"unknown SAT weight scheme {scheme!r}; choose one of {', '.join(WEIGHT_SCHEMES)}")
+    return scheme
+
+
+def nested_quantize_unit(unit: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:
+    """The b-bit value of ``u`` in [0, 1], gradient straight through: ``j / 2^b`` (``"original"``) or
+    ``(j + 1/2) / 2^b`` (``"centered"``), with the nested code ``j = min(floor(2^b u), 2^b - 1)``."""
+    check_weight_scheme(scheme)
     steps = 2**bits
     scaled = unit * steps
     code = torch.clamp(torch.floor(scaled), max=steps - 1)
     # scaled - code is exact in float32 (Sterbenz), so the straight-through sum equals the code bit for bit.
-    return (scaled + (code - scaled).detach()) / steps
+    code = scaled + (code - scaled).detach()
+    if scheme == "centered":
+        code = code + 0.5  # a constant: the straight-through gradient is unchanged, and j + 1/2 is exact
+    return code / steps
 
 
-def sat_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """The AdaBits/SAT weight at ``bits`` (1..31), or the normalized weight at 32 bits; no rescaling."""
+def sat_weight(weight: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:
+    """The AdaBits/SAT weight at ``bits`` (1..31) under ``scheme`` (module docstring), or the normalized weight
+    at 32 bits (either scheme); no rescaling."""
+    check_weight_scheme(scheme)
     normalized = sat_normalize(weight)
     if bits >= FULL_PRECISION:
         return normalized
-    return 2 * nested_quantize_unit((normalized + 1) / 2, bits) - 1
+    return 2 * nested_quantize_unit((normalized + 1) / 2, bits, scheme) - 1
 
 
 def sat_rescale_factor(quantized_weight: torch.Tensor, fan_out: int) -> torch.Tensor:
@@ -83,16 +122,30 @@ def weight_bits_for(rule: str, bits: int, bits_set: tuple[int, ...]) -> int:
 class SATLayer(BitSwitchable):
     """Shared bit-width bookkeeping and storage of :class:`SATConv2d` and :class:`SATLinear`.
 
-    Storage: weights at the layer's weight precision (one highest copy for the whole set, since codes nest),
-    a 32-bit bias if any, and the input quantizer's clipping levels. The rescale factor is a function of the
-    stored codes, so it costs nothing.
+    Storage: weights at the layer's weight precision (one highest copy for the whole set, since codes nest under
+    both weight schemes; module docstring), a 32-bit bias if any, and the input quantizer's clipping levels. The
+    rescale factor and the centered scheme's half-step offset are functions of the stored codes and the
+    bit-width, so they cost nothing.
     """
 
     weight: nn.Parameter
     bias: nn.Parameter | None
     bits_set: tuple[int, ...]
     weight_bits_rule: str
+    weight_scheme: str
     input_quantizer: SwitchablePACT | None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The SAT weight at the current weight precision under the layer's scheme, before any rescale."""
+        return sat_weight(self.weight, self.weight_bits(), self.weight_scheme)
+
+    @property
+    def quantizes_weight(self) -> bool:
+        return True
+
+    @property
+    def quantizes_input(self) -> bool:
+        return self.input_quantizer is not None
 
     def set_bits(self, bits: int) -> None:
         if int(bits) not in self.bits_set:
@@ -120,17 +173,19 @@ class SATLayer(BitSwitchable):
 
 
 class SATConv2d(SATLayer, nn.Conv2d):
-    """A convolution with SAT weights and, unless ``input_quantizer`` is None, a PACT quantizer on its input."""
+    """A convolution with SAT weights (``weight_scheme`` "original" or "centered") and, unless
+    ``input_quantizer`` is None, a PACT quantizer on its input."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
                  dilation: int | tuple[int, int] = 1, groups: int = 1, bias: bool = False, *,
                  bits_set: Iterable[int], weight_bits_rule: str = "same", rescale: bool = True,
-                 input_quantizer: SwitchablePACT | None = None) -> None:
+                 input_quantizer: SwitchablePACT | None = None, weight_scheme: str = "original") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
         self.bits_set = tuple(sorted(set(int(b) for b in bits_set)))
         weight_bits_for(weight_bits_rule, self.bits_set[-1], self.bits_set)  # reject an unknown rule now
         self.weight_bits_rule = weight_bits_rule
+        self.weight_scheme = check_weight_scheme(weight_scheme)
         self.rescale = rescale
         self.input_quantizer = input_quantizer
         self.bits = self.bits_set[-1]
@@ -144,7 +199,7 @@ class SATConv2d(SATLayer, nn.Conv2d):
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the convolution uses at the current bit-width (quantized, then rescaled if enabled)."""
-        weight = sat_weight(self.weight, self.weight_bits())
+        weight = self.quantized_weight()
         if self.rescale:
             fan_out = self.out_channels * self.kernel_size[0] * self.kernel_size[1]
             weight = weight * sat_rescale_factor(weight, fan_out)
@@ -157,15 +212,17 @@ class SATConv2d(SATLayer, nn.Conv2d):
 
 
 class SATLinear(SATLayer, nn.Linear):
-    """The classifier: SAT weights, PACT on its input, SAT rescaling in training and bias division in eval."""
+    """The classifier: SAT weights (``weight_scheme`` as in :class:`SATConv2d`), PACT on its input, SAT rescaling
+    in training and bias division in eval."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits_set: Iterable[int],
                  weight_bits_rule: str = "max8", rescale: bool = True,
-                 input_quantizer: SwitchablePACT | None = None) -> None:
+                 input_quantizer: SwitchablePACT | None = None, weight_scheme: str = "original") -> None:
         super().__init__(in_features, out_features, bias)
         self.bits_set = tuple(sorted(set(int(b) for b in bits_set)))
         weight_bits_for(weight_bits_rule, self.bits_set[-1], self.bits_set)
         self.weight_bits_rule = weight_bits_rule
+        self.weight_scheme = check_weight_scheme(weight_scheme)
         self.rescale = rescale
         self.input_quantizer = input_quantizer
         self.bits = self.bits_set[-1]
@@ -178,7 +235,7 @@ class SATLinear(SATLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
-        weight = sat_weight(self.weight, self.weight_bits())
+        weight = self.quantized_weight()
         bias = self.bias
         if self.rescale:
             factor = sat_rescale_factor(weight, self.out_features)

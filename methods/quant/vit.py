@@ -1,9 +1,9 @@
 """Quantized linear layers for vision transformers and the swap that quantizes a timm ViT.
 
-EMQ's ViT setting (spec ``emq.md`` Sec. 1): every ``nn.Linear`` except the classifier (role ``"head"``) gets
-quantized weights (StatsQ, :mod:`methods.quant.statsq`, optionally bias-corrected) and an LSQ quantizer on its
-input (:mod:`methods.quant.lsq`); the patch-embedding convolution (role ``"stem"``) and the layer norms stay full
-precision.
+EMQ's ViT setting, through the harness's topology (:mod:`harness.topology`): every ``nn.Linear`` except the
+classifier (role ``"head"``) gets quantized weights (StatsQ, :mod:`methods.quant.statsq`, optionally
+bias-corrected) and an LSQ quantizer on its input (:mod:`methods.quant.lsq`); the patch-embedding convolution
+(role ``"stem"``) and the layer norms stay full precision.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.models import role_of
+from harness.errors import ConfigError
+from harness.topology import Site, Topology, quantize_model
 from methods.quant.lsq import LSQActivation
-from methods.quant.modules import BitSwitchable, WeightQuantizer, copy_weight_and_bias, swap_modules
+from methods.quant.modules import BitSwitchable, WeightQuantizer, copy_weight_and_bias
 
 FLOAT_BITS = 32
 
@@ -44,6 +45,14 @@ class QuantLinear(BitSwitchable, nn.Linear):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
         return copy_weight_and_bias(linear, layer)
 
+    @property
+    def quantizes_weight(self) -> bool:
+        return True
+
+    @property
+    def quantizes_input(self) -> bool:
+        return self.input_quantizer is not None
+
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight, self.bits)
 
@@ -66,18 +75,20 @@ class QuantLinear(BitSwitchable, nn.Linear):
         return self.weight.numel() * self.total_weight_bits + self._fixed_bits() + act
 
 
-def quantize_vit(model: nn.Module, *, weight_quantizer: WeightQuantizer, bits: int, act_bits: int | None,
-                 scales_per_output: int) -> nn.Module:
-    """Swap every non-head ``nn.Linear`` of ``model`` for a :class:`QuantLinear` with an LSQ input, in place.
+def quantize_vit(model: nn.Module, topology: Topology, *, weight_quantizer: WeightQuantizer, bits: int,
+                 act_bits: int | None, scales_per_output: int) -> nn.Module:
+    """Quantize ``model`` in place through ``topology``: every quantized linear site becomes a
+    :class:`QuantLinear` with an LSQ input quantizer.
 
     ``scales_per_output``: 32-bit constants stored per output row at a quantized bit-width (for storage).
     """
 
-    def swap(module: nn.Module) -> nn.Module | None:
-        if isinstance(module, nn.Linear) and role_of(module) != "head":
-            return QuantLinear.from_linear(module, weight_quantizer=weight_quantizer,
-                                           input_quantizer=LSQActivation(bits, act_bits), bits=bits,
-                                           scales_per_layer=scales_per_output * module.out_features)
-        return None
+    def layer(module: nn.Module, site: Site) -> nn.Module:
+        if not isinstance(module, nn.Linear) or not (site.quantize_weight and site.quantize_input):
+            raise ConfigError(f"the ViT path quantizes linear layers' weights and inputs together; site {site.name} "
+                              f"asks for something else")
+        return QuantLinear.from_linear(module, weight_quantizer=weight_quantizer,
+                                       input_quantizer=LSQActivation(bits, act_bits), bits=bits,
+                                       scales_per_layer=scales_per_output * module.out_features)
 
-    return swap_modules(model, swap)
+    return quantize_model(model, topology, layer=layer)

@@ -54,9 +54,10 @@ def sweep(tmp_path_factory):
 
 def test_submitit_local_jobs_give_the_in_process_table(sweep):
     root, (local_records, local_md), (job_records, job_md), messages = sweep
-    assert submitted(root / "jobs") == 2  # one job per (method, seed) cell
-    assert any(m.startswith("submitted 2 cell(s) to submitit (local)") for m in messages)
-    assert [(r["method"], r["seed"]) for r in job_records] == [("anyprecision", 0), ("dedicated", 0)]
+    assert submitted(root / "jobs") == 3  # one job per (method, seed) cell, the fp reference's included
+    assert any(m.startswith("submitted 3 cell(s) to submitit (local)") for m in messages)
+    assert [(r["method"], r["seed"]) for r in job_records] == [("anyprecision", 0), ("dedicated", 0), ("fp", 0)]
+    assert "| fp (reference) |" in job_md
     for local, job in zip(local_records, job_records):
         assert job["results"] == local["results"]
         assert [row["loss"] for row in job["log"]] == [row["loss"] for row in local["log"]]
@@ -75,9 +76,9 @@ def test_finished_cells_are_not_resubmitted(sweep):
     messages: list[str] = []
     records, markdown = run_comparison(SPEC, root / "jobs", show_progress=False, echo=messages.append,
                                        executor="submitit", executor_options=LOCAL_JOBS)
-    assert submitted(root / "jobs") == 2
+    assert submitted(root / "jobs") == 3
     assert records == job_records and markdown == job_md
-    assert sum("already finished" in m for m in messages) == 2 and not any("submitted" in m for m in messages)
+    assert sum("already finished" in m for m in messages) == 3 and not any("submitted" in m for m in messages)
 
 
 def test_a_failed_job_is_one_error_line_naming_the_cell_and_its_log(sweep, tmp_path):
@@ -95,7 +96,7 @@ def test_a_failed_job_is_one_error_line_naming_the_cell_and_its_log(sweep, tmp_p
     assert "checkpoint" in message and "is corrupt" in message
     log = message.rsplit("its log: ", 1)[1]
     assert log.endswith("_log.err") and "is corrupt" in open(log).read()
-    assert submitted(out) == 3  # only the unfinished cell went out again
+    assert submitted(out) == 4  # only the unfinished cell went out again
     assert "anyprecision seed 0: already finished, reusing its record" in messages
 
 
@@ -105,7 +106,7 @@ def test_debug_cluster_runs_jobs_in_this_process(tmp_path, monkeypatch):
 
     monkeypatch.setattr(executors, "run_cell", diverge)  # only visible to jobs that run in this process
     with pytest.raises(MbqError, match=r"^anyprecision seed 0 failed in submitit job DEBUG_\S+: anyprecision "
-                                       r"\(seed 0\) diverged \(1 more cell\(s\) failed too\); its log: "):
+                                       r"\(seed 0\) diverged \(2 more cell\(s\) failed too\); its log: "):
         run_comparison(SPEC, tmp_path / "out", show_progress=False, executor="submitit",
                        executor_options={"cluster": "debug"})
 

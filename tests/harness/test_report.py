@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import bootstrap
 
 from harness.errors import MbqError
 from harness.report import (
+    accuracy_plot_png,
     check_same_schedule,
     comparison_table,
+    pareto_plot_png,
     seed_stats,
     stats_frame,
     within_noise_of_best,
@@ -63,3 +66,56 @@ def test_mixed_schedules_are_refused_unless_asked(tmp_path):
     for name in ("summary.csv", "stats.csv", "table.md", "table.tex", "accuracy.png", "pareto.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_row_comes_first_with_its_32_bit_top1_in_every_bit_column(tmp_path):
+    methods = [record("a", s, {2: v, 32: v + 5}, passes=200) for s, v in enumerate((90.0, 91.0, 92.0))]
+    methods += [record("b", s, {2: v, 32: v + 5}, passes=400) for s, v in enumerate((89.5, 90.5, 91.5))]
+    reference = [record("fp", s, {32: v}, hours=0.5, passes=100) for s, v in enumerate((98.0, 99.0, 100.0))]
+    for rec in reference:
+        rec["results"]["32"]["storage_bytes"] = 32_000
+        rec["storage_total_bytes"] = 32_000
+    without = comparison_table(methods, ["a", "b"])
+    table = comparison_table(methods + reference, ["a", "b"], baseline="fp")
+    assert list(table["method"]) == ["fp (reference)", "a", "b"]
+    assert list(table.columns) == [*without.columns, "cost vs fp"]  # no column of its own
+    fp = table.iloc[0]
+    assert fp["2-bit top-1 %"] == fp["32-bit top-1 %"] == "99.00 ± 1.00"
+    assert fp["storage MB per bit"] == "0.032 / 0.032" and fp["total MB"] == "0.032"
+    assert fp["passes vs fewest"] == "0.50x" and fp["cost vs fp"] == "1.00x"
+    # the methods' cells are what they are without the reference: it takes no part in the '~' marks (at 32 bits
+    # its interval lies above both methods'; b stays within the noise of a, the best method)
+    pd.testing.assert_frame_equal(table.iloc[1:][list(without.columns)].reset_index(drop=True), without)
+    assert table.iloc[2]["32-bit top-1 %"] == "95.50 ± 1.00 ~" and table.iloc[1]["cost vs fp"] == "2.00x"
+    markdown = write_reports(tmp_path, methods + reference, ["a", "b"])
+    assert markdown.splitlines()[2].startswith("| fp (reference) | 99.00 ± 1.00 | 99.00 ± 1.00 | 0.032 / 0.032 |")
+    assert "'fp (reference)': the full-precision network of the same model" in markdown
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary[summary["method"] == "fp"]["bits"].tolist() == [32, 32, 32]
+    stats = pd.read_csv(tmp_path / "stats.csv").set_index(["method", "bits"])
+    assert stats.loc[("fp", 32), "mean"] == 99.0
+    assert "fp (reference)" in (tmp_path / "table.tex").read_text()
+    for name in ("accuracy.png", "pareto.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_is_drawn_as_a_horizontal_line(monkeypatch):
+    import matplotlib.axes
+
+    lines: list[tuple[float, str | None]] = []
+    original = matplotlib.axes.Axes.axhline
+
+    def axhline(self, y=0, *args, **kwargs):
+        lines.append((y, kwargs.get("label")))
+        return original(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", axhline)
+    records = [record("a", 0, {2: 80.0, 4: 85.0}), record("fp", 0, {32: 95.0})]  # no 32-bit panel for the fp
+    accuracy_plot_png(records)
+    assert lines == [(95.0, "fp (reference)")]
+    lines.clear()
+    pareto_plot_png(records)
+    assert [y for y, _ in lines] == [95.0, 95.0]  # one per bit-width panel
+    lines.clear()
+    accuracy_plot_png(records[:1])
+    assert lines == []

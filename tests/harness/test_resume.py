@@ -62,4 +62,7 @@ def test_killed_process_resumes_to_the_same_summary(tmp_path):
     expected = pd.read_csv(tmp_path / "reference" / "summary.csv")[columns]
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "victim" / "summary.csv")[columns], expected)
     log = pd.read_csv(tmp_path / "victim" / "log.csv")
-    assert list(log["epoch"]) == [1, 2, 3, 4]
+    # the method, then the default fp reference, which the resumed run trained after it
+    assert log.groupby("method", sort=False)["epoch"].apply(list).to_dict() == {"dedicated": [1, 2, 3, 4],
+                                                                                  "fp": [1, 2, 3, 4]}
+    assert set(pd.read_csv(tmp_path / "victim" / "summary.csv")["method"]) == {"dedicated", "fp"}

@@ -12,7 +12,7 @@ import methods.anyprecision as anyprecision_module
 from harness.data import load_dataset
 from harness.method import Batch, RunContext
 from harness.registry import get_method
-from methods.quant.modules import QuantAct, QuantConv2d, SwitchableBatchNorm2d
+from methods.quant.modules import QuantConv2d, SwitchableBatchNorm2d
 
 
 def build(bits=(1, 2, 4, 8, 32), model="preact_resnet20", **options):
@@ -72,17 +72,22 @@ def test_distill_none_uses_labels_for_every_bit_width(monkeypatch):
 
 
 def test_preact_layout_follows_the_spec():
-    _, model = build((2, 32))
+    _, model = build((2, 32), fp_shortcut=True)
     assert type(model.stem) is nn.Conv2d and type(model.fc) is nn.Linear  # full-precision first and last layers
     assert isinstance(model.final_norm, SwitchableBatchNorm2d)  # head: switchable BN -> pool -> FC
     block = model.blocks[3]  # first block of stage 2: downsampling
-    assert isinstance(block.act1, QuantAct) and isinstance(block.conv1, QuantConv2d)
-    assert type(block.shortcut[0]) is nn.Conv2d and type(block.shortcut[1]) is nn.BatchNorm2d  # the code's quirk
-    _, quantized_shortcut = build((2, 32), fp_shortcut=False)
-    assert isinstance(quantized_shortcut.blocks[3].shortcut[0], QuantConv2d)
-    _, post_activation = build((2, 32), model="resnet20")  # auto: the quirk only on the authors' network
+    assert type(block.act1) is nn.ReLU and isinstance(block.conv1, QuantConv2d)  # quantizer at the conv input
+    assert block.conv1.input_quantizer is not None and block.conv1.weight_quantizer is not None
+    shortcut = block.shortcut[0]  # the code's quirk: full-precision weights reading the quantized activation
+    assert isinstance(shortcut, QuantConv2d) and shortcut.weight_quantizer is None
+    assert shortcut.input_quantizer is not None and type(block.shortcut[1]) is nn.BatchNorm2d
+    _, quantized_shortcut = build((2, 32))  # the default: the harness topology
+    assert quantized_shortcut.blocks[3].shortcut[0].weight_quantizer is not None
+    assert isinstance(quantized_shortcut.blocks[3].shortcut[1], SwitchableBatchNorm2d)
+    _, post_activation = build((2, 32), model="resnet20")
     assert isinstance(post_activation.blocks[3].downsample[0], QuantConv2d)
     assert isinstance(post_activation.blocks[3].downsample[1], SwitchableBatchNorm2d)
+    assert type(post_activation.blocks[3].relu2) is nn.ReLU  # the residual stream stays full precision
 
 
 # Hand count of the pre-activation ResNet-20 (width 1: 16/32/64 channels), 1 input channel, 10 classes.
@@ -98,20 +103,20 @@ QUANT_WEIGHTS, QUANT_LAYERS, FP_VALUES, SWITCH_BN_VALUES, SHARED_BN_VALUES = 267
 
 def test_storage_equals_hand_count():
     bits = (1, 2, 4, 8, 32)
-    method, model = build(bits)
+    method, model = build(bits, fp_shortcut=True)
     fixed = (QUANT_LAYERS + FP_VALUES + SWITCH_BN_VALUES + SHARED_BN_VALUES) * 32
     for b in bits:
         assert method.storage(model, b) * 8 == QUANT_WEIGHTS * b + fixed
     total_bits = QUANT_WEIGHTS * 32 + (QUANT_LAYERS + FP_VALUES + SHARED_BN_VALUES) * 32 + 5 * SWITCH_BN_VALUES * 32
     assert method.storage_total(model, bits) * 8 == total_bits
-    highest_method, highest_model = build((2, 4, 8), total_storage="highest")
+    highest_method, highest_model = build((2, 4, 8), total_storage="highest", fp_shortcut=True)
     assert highest_method.storage_total(highest_model, (2, 4, 8)) * 8 == (
         QUANT_WEIGHTS * 8 + (QUANT_LAYERS + FP_VALUES + SHARED_BN_VALUES) * 32 + 3 * SWITCH_BN_VALUES * 32)
 
 
 def test_dedicated_storage_is_the_sum_of_independent_networks():
     info = load_dataset("synthetic").info
-    dedicated = get_method("dedicated")()
+    dedicated = get_method("dedicated").from_options({"fp_shortcut": "true"})
     bits = (2, 8)
     model = dedicated.build("preact_resnet20", 10, bits, info, 1.0)
     fixed = (QUANT_LAYERS + FP_VALUES + SWITCH_BN_VALUES + SHARED_BN_VALUES) * 32

@@ -22,7 +22,7 @@ from harness.train import instantiate, run_cell
 from methods.emq import EMQ, EMQConfig, scoring_lr_factor
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.lsq import LSQActivation
-from methods.quant.modules import QuantAct, QuantConv2d
+from methods.quant.modules import QuantConv2d
 from methods.quant.shared_bn import SharedBatchNorm2d
 from methods.quant.vit import QuantLinear
 
@@ -83,12 +83,14 @@ def test_scoring_lr_constant_or_the_schedule_compressed_into_the_scoring_epochs(
 # -- network -----------------------------------------------------------------------------------------------------
 
 def test_cnn_layout_bias_corrected_dorefa_and_shared_bn_everywhere(synthetic):
-    _, model = build(synthetic, (1, 2, 8), model="preact_resnet20")
+    _, model = build(synthetic, (1, 2, 8), model="preact_resnet20", fp_shortcut=True)
     assert type(model.stem) is nn.Conv2d and type(model.fc) is nn.Linear
     block = model.blocks[3]
     assert isinstance(block.conv1, QuantConv2d) and isinstance(block.conv1.weight_quantizer, BiasCorrectedQuantizer)
-    assert isinstance(block.act1, QuantAct)
-    assert type(block.shortcut[0]) is nn.Conv2d  # full-precision shortcut conv, as Any-Precision's code
+    assert type(block.act1) is nn.ReLU and block.conv1.input_quantizer is not None  # quantized at the conv input
+    assert block.shortcut[0].weight_quantizer is None  # full-precision shortcut weights, as Any-Precision's code
+    _, default = build(synthetic, (1, 2, 8), model="preact_resnet20")
+    assert isinstance(default.blocks[3].shortcut[0].weight_quantizer, BiasCorrectedQuantizer)
     assert isinstance(block.shortcut[1], SharedBatchNorm2d) and isinstance(model.final_norm, SharedBatchNorm2d)
     shared = [m for m in model.modules() if isinstance(m, SharedBatchNorm2d)]
     inside = {id(bn) for m in shared for bn in m.norms.values()}
@@ -101,13 +103,12 @@ def test_cnn_layout_bias_corrected_dorefa_and_shared_bn_everywhere(synthetic):
 
 def test_act_bits_fixes_the_activation_precision_below_32_bits(synthetic):
     _, model = build(synthetic, (2, 8, 32), act_bits=4)
-    act = model.blocks[0].relu1
+    conv = model.blocks[0].conv2  # reads relu1's output through its input quantizer
+    act = conv.input_quantizer
     x = torch.linspace(-0.5, 1.5, 41)
     for bits in (2, 8):
-        act.set_bits(bits)
-        assert torch.equal(act(x), torch.round(x.clamp(0, 1) * 15) / 15)
-    act.set_bits(32)
-    assert torch.equal(act(x), torch.relu(x))
+        assert torch.equal(act(x, bits), torch.round(x.clamp(0, 1) * 15) / 15)
+    assert torch.equal(act(x, 32), torch.relu(x))
 
 
 # Hand count of the pre-activation ResNet-20 (width 1: 16/32/64), 1 input channel, 10 classes, as in
@@ -124,7 +125,8 @@ QUANT_OUTPUT_CHANNELS = 6 * 16 + 6 * 32 + 6 * 64  # output channels of the 18 qu
 ])
 def test_storage_equals_hand_count(synthetic, bias_correction, constants):
     bits = (1, 2, 4, 8, 32)
-    method, model = build(synthetic, bits, model="preact_resnet20", width=1.0, bias_correction=bias_correction)
+    method, model = build(synthetic, bits, model="preact_resnet20", width=1.0, bias_correction=bias_correction,
+                          fp_shortcut=True)
     for b in bits:  # BN at any bit-width: gamma, beta, mean, var
         assert method.storage(model, b) * 8 == QUANT_WEIGHTS * b + (constants + FP_VALUES + 4 * BN_CHANNELS) * 32
     # Latent 32-bit weights; gamma/beta once for the shared BN and once for the 1-bit BN; mean/var per bit-width.

@@ -43,9 +43,9 @@ def test_bits_must_be_even_and_at_most_16():
 
 
 def test_other_models_are_a_one_line_config_error(synthetic):
-    with pytest.raises(ConfigError, match="mbquant does not support model 'preact_resnet20'; it supports: "
-                                          "resnet20, resnet18$"):
-        build(synthetic.info, model="preact_resnet20")
+    with pytest.raises(ConfigError, match="mbquant does not support model 'deit_tiny'; it supports: "
+                                          "resnet20, preact_resnet20, resnet18$"):
+        get_method("mbquant")().check_model("deit_tiny")
 
 
 def test_options_parse_from_strings():

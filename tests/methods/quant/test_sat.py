@@ -1,5 +1,5 @@
 """SAT nested weight quantizer and the AdaBits conv / linear layers against hand-computed values (adabits spec,
-"Weight quantizer")."""
+"Weight quantizer"), under the paper's scheme and the authors' later "centered" scheme."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ import torch.nn.functional as F
 
 from harness.errors import ConfigError
 from methods.quant.pact import SwitchablePACT
-from methods.quant.sat import SATConv2d, SATLinear, sat_normalize, sat_rescale_factor, sat_weight
+from methods.quant.sat import (
+    WEIGHT_SCHEMES,
+    SATConv2d,
+    SATLinear,
+    nested_quantize_unit,
+    sat_normalize,
+    sat_rescale_factor,
+    sat_weight,
+)
 
 # w = [-2, -0.5, 0, 0.3, 1, 2]: tanh(w) = [-0.964028, -0.462117, 0, 0.291313, 0.761594, 0.964028];
 # w~ = tanh / max|tanh| = [-1, -0.479361, 0, 0.302183, 0.790013, 1]; u = (w~ + 1) / 2 = [0, 0.26032, 0.5, 0.65109,
@@ -167,3 +175,140 @@ def test_storage_counts_one_highest_copy_and_per_bit_alphas():
     assert linear.storage_bits_total(bits_set) == 160 * 8 + 320 + 3 * 32
     stem = SATConv2d(1, 4, 3, bits_set=(2, 32), weight_bits_rule="highest")
     assert stem.storage_bits(2) == 36 * 32 and stem.storage_bits_total((2, 32)) == 36 * 32
+
+
+# The centered scheme (deJQK/AdaBits, models/quant_ops.py, scheme 'centered'): the same codes j as above, read as
+# W_q = (2j + 1) / 2^b - 1, i.e. the paper's level plus 2^-b. For WEIGHT (codes in CODES; 4 bits: 16u = [0, 4.17,
+# 8, 10.42, 14.32, 16] -> [0, 4, 8, 10, 14, 15], which is also the 8-bit code >> 4):
+CENTERED = {
+    1: [-1 / 2, -1 / 2, 1 / 2, 1 / 2, 1 / 2, 1 / 2],
+    2: [-3 / 4, -1 / 4, 1 / 4, 1 / 4, 3 / 4, 3 / 4],
+    3: [-7 / 8, -3 / 8, 1 / 8, 3 / 8, 7 / 8, 7 / 8],
+    4: [-15 / 16, -7 / 16, 1 / 16, 5 / 16, 13 / 16, 15 / 16],
+    8: [-255 / 256, -123 / 256, 1 / 256, 77 / 256, 203 / 256, 255 / 256],
+}
+
+
+def centered_codes_of(quantized: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes back from W_q = (2 code + 1) / 2^b - 1 (exact in float32)."""
+    codes = ((quantized + 1) * 2**bits - 1) / 2
+    assert torch.equal(codes, codes.round())
+    return codes.long()
+
+
+@pytest.mark.parametrize("bits", sorted(CENTERED))
+def test_centered_weight_matches_hand_computation(bits):
+    quantized = sat_weight(torch.tensor(WEIGHT), bits, "centered")
+    torch.testing.assert_close(quantized, torch.tensor(CENTERED[bits]), rtol=0, atol=0)
+    assert centered_codes_of(quantized, bits).tolist() == ([0, 4, 8, 10, 14, 15] if bits == 4 else CODES[bits])
+    # the paper's level shifted up by 2^-b (exact): same codes, other reading
+    torch.testing.assert_close(quantized, sat_weight(torch.tensor(WEIGHT), bits) + 2.0**-bits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_centered_levels_are_2_to_b_odd_steps_symmetric_about_zero(bits):
+    dense = torch.linspace(-3.0, 3.0, 200_001)  # reaches every code at 8 bits (u moves < 1e-4 per point)
+    levels = torch.unique(sat_weight(dense, bits, "centered"))
+    expected = torch.tensor([(2 * j + 1) / 2**bits - 1 for j in range(2**bits)])
+    torch.testing.assert_close(levels, expected, rtol=0, atol=0)
+    assert len(levels) == 2**bits
+    assert torch.equal(levels, -levels.flip(0))  # symmetric about 0
+    assert 0.0 not in levels.tolist() and levels.abs().max().item() == 1 - 2.0**-bits  # neither 0 nor +-1
+    assert levels.tolist()[: 2**bits // 2][-1] == -(2.0**-bits)  # the two innermost levels are +-2^-b
+    # the paper's levels on the same input: -1 and 0 present, +1 absent
+    original = torch.unique(sat_weight(dense, bits)).tolist()
+    assert original[0] == -1.0 and 0.0 in original and original[-1] == 1 - 2.0 ** (1 - bits)
+
+
+def test_centered_weights_of_a_symmetric_tensor_have_zero_mean():
+    # the README's reason for the scheme: u -> 1 - u maps code j to 2^b - 1 - j, so a weight tensor symmetric about
+    # 0 (no value on a bucket edge) quantizes to zero mean; the paper's scheme has mean -2^-b exactly.
+    half = torch.randn(500, generator=torch.Generator().manual_seed(2))
+    weight = torch.cat([half, -half])
+    for bits in (1, 2, 3, 4, 8):
+        assert sat_weight(weight, bits, "centered").sum().item() == 0.0
+        assert sat_weight(weight, bits).mean().item() == -(2.0**-bits)
+
+
+def test_centered_gradient_passes_straight_through():
+    generator = torch.Generator().manual_seed(1)
+    upstream = torch.randn(len(WEIGHT), generator=generator)
+    grads = {}
+    for name, fn in [("normalized", sat_normalize), ("original", lambda w: sat_weight(w, 3)),
+                     ("centered", lambda w: sat_weight(w, 3, "centered"))]:
+        weight = torch.tensor(WEIGHT, requires_grad=True)
+        (fn(weight) * upstream).sum().backward()
+        grads[name] = weight.grad
+    # only powers of two lie between w~ and W_q on the backward path, so the three gradients agree bit for bit
+    assert torch.equal(grads["centered"], grads["normalized"]) and torch.equal(grads["centered"], grads["original"])
+    assert grads["centered"].abs().sum() > 0
+    unit = torch.tensor([0.0, 0.3, 0.999, 1.0], requires_grad=True)
+    nested_quantize_unit(unit, 2, "centered").sum().backward()
+    assert unit.grad.tolist() == [1.0, 1.0, 1.0, 1.0]  # d/du of (floor(4u) + 1/2) / 4 through the STE
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.1, 1.0, 10.0])
+def test_centered_codes_nest_and_lower_levels_follow_from_the_8_bit_copy(scale):
+    generator = torch.Generator().manual_seed(0)
+    half = torch.randn(32, 32, 3, 3, generator=generator) * scale
+    weight = torch.cat([half, -half])
+    stored = sat_weight(weight, 8, "centered")  # the one deployed copy
+    eight = centered_codes_of(stored, 8)
+    assert eight.min() == 0 and eight.max() == 255
+    for bits in range(1, 9):
+        quantized = sat_weight(weight, bits, "centered")
+        prefix = eight >> (8 - bits)
+        assert torch.equal(centered_codes_of(quantized, bits), prefix), bits
+        # a deployed b-bit weight is read off the stored 8-bit codes: (2 j_b + 1 - 2^b) / 2^b
+        torch.testing.assert_close(quantized, ((2 * prefix + 1 - 2**bits) / 2**bits).float(), rtol=0, atol=0)
+    # level values do not nest: 2-bit level 1/4 is no 8-bit level; it is the mean of the 64 8-bit levels it groups
+    eight_levels = torch.tensor([(2 * k + 1) / 256 - 1 for k in range(256)])
+    assert 0.25 not in eight_levels.tolist()
+    assert eight_levels[192:256].mean().item() == 0.75 and eight_levels[128:192].mean().item() == 0.25
+
+
+def test_centered_layers_use_centered_levels_with_the_same_rescale():
+    conv = SATConv2d(3, 2, 1, bits_set=(2, 8), weight_scheme="centered",
+                     input_quantizer=SwitchablePACT((2, 8), init=2.0))
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(WEIGHT).view(2, 3, 1, 1))
+    conv.set_bits(2)
+    # [-3/4, -1/4, 1/4, 1/4, 3/4, 3/4] is the paper's 2-bit W_q + 1/4: same std, so the same factor 1.2097167
+    assert sat_rescale_factor(sat_weight(torch.tensor(WEIGHT), 2, "centered"), 2).item() == pytest.approx(
+        FACTOR_2BIT_FANOUT_2, abs=1e-6)
+    expected_weight = torch.tensor(CENTERED[2]).view(2, 3, 1, 1) * FACTOR_2BIT_FANOUT_2
+    torch.testing.assert_close(conv.effective_weight(), expected_weight, rtol=0, atol=1e-6)
+    x = torch.tensor([-1.0, 1.1, 5.0]).view(1, 3, 1, 1)
+    quantized_x = torch.tensor([0.0, 4 / 3, 2.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(conv(x), F.conv2d(quantized_x, expected_weight), rtol=1e-6, atol=1e-6)
+    conv.set_bits(8)
+    torch.testing.assert_close(conv.quantized_weight().flatten(), torch.tensor(CENTERED[8]), rtol=0, atol=0)
+    linear = SATLinear(3, 2, bits_set=(2, 8), weight_bits_rule="same", weight_scheme="centered")
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(WEIGHT).view(2, 3))
+        linear.bias.zero_()
+    linear.set_bits(2)
+    linear.train()
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    expected = x @ (torch.tensor(CENTERED[2]).view(2, 3) * sat_rescale_factor(torch.tensor(CENTERED[2]), 2)).T
+    torch.testing.assert_close(linear(x), expected, rtol=1e-6, atol=1e-6)
+    assert SATConv2d(3, 4, 3, bits_set=(2,)).weight_scheme == "original"  # the default
+    for bad in (lambda: SATConv2d(3, 4, 3, bits_set=(2,), weight_scheme="modified"),
+                lambda: SATLinear(3, 4, bits_set=(2,), weight_scheme="symmetric"),
+                lambda: sat_weight(torch.tensor(WEIGHT), 2, "Centered")):
+        with pytest.raises(ConfigError, match="unknown SAT weight scheme"):
+            bad()
+    assert WEIGHT_SCHEMES == ("original", "centered")
+
+
+# Centered codes nest, so storage is the same hand count as under the paper's scheme (see the test above it).
+def test_centered_storage_counts_one_highest_copy():
+    bits_set = (2, 4, 8)
+    for scheme in WEIGHT_SCHEMES:
+        conv = SATConv2d(4, 8, 3, bits_set=bits_set, input_quantizer=SwitchablePACT(bits_set, 8.0),
+                         weight_scheme=scheme)
+        assert [conv.storage_bits(b) for b in bits_set] == [288 * b + 32 for b in bits_set]
+        assert conv.storage_bits_total(bits_set) == 288 * 8 + 3 * 32
+        linear = SATLinear(16, 10, bits_set=bits_set, input_quantizer=SwitchablePACT(bits_set, 10.0),
+                           weight_scheme=scheme)
+        assert linear.storage_bits_total(bits_set) == 160 * 8 + 320 + 3 * 32
