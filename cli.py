@@ -204,8 +204,11 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
 @click.option("--data-root", default=None, help="Folder holding the preset's data set (see `list presets`).")
 @click.option("--epochs", type=int, default=None,
               help="Shorten the schedule to this many epochs (milestones scale); the table then says so.")
-@click.option("--seeds", "--seed", "seeds", default="0", show_default=True,
-              help="Seed or comma-separated seeds (e.g. 0,1,2: mean, std and bootstrap intervals).")
+@click.option("--seeds", "--seed", "seeds", default=None,
+              help="Seed or comma-separated seeds (e.g. 0,1,2: mean, std and bootstrap intervals); default: the "
+                   "preset's (0 for paper presets, 0,1,2 for claim presets).")
+@click.option("--full-size", is_flag=True,
+              help="With --all-claims: the paper-sized claim presets (for a GPU) instead of the CPU-sized ones.")
 @click.option("--train-subset", type=int, default=None, help="Train on this many samples (a fixed subset).")
 @click.option("--test-subset", type=int, default=None, help="Evaluate on this many test samples.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -214,8 +217,8 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
 @click.option("--quiet", is_flag=True, help="No progress bars or status lines.")
 @runtime_options
 @executor_options
-def reproduce(preset_name, all_claims, data_root, epochs, seeds, train_subset, test_subset, device, out, quiet,
-              executor, **kwargs) -> None:
+def reproduce(preset_name, all_claims, data_root, epochs, seeds, full_size, train_subset, test_subset, device, out,
+              quiet, executor, **kwargs) -> None:
     """Run a paper preset (`list presets`) and print published vs measured numbers per bit-width with the gap,
     then one verdict line per claim of the preset: holds / does not hold (the whole 95% bootstrap interval over
     seeds satisfies / violates it) or inconclusive. Writes reproduce.md (and claims.json) into the run folder.
@@ -227,15 +230,17 @@ def reproduce(preset_name, all_claims, data_root, epochs, seeds, train_subset, t
 
     if all_claims == (preset_name is not None):
         raise ConfigError("give one PRESET, or --all-claims to run every preset that has claims (not both)")
-    presets = [get_preset(name) for name in (claim_presets() if all_claims else [preset_name])]
+    size = "full" if full_size else "cpu"
+    presets = [get_preset(name) for name in (claim_presets(size) if all_claims else [preset_name])]
     if not presets:
         raise ConfigError("no preset carries claims (see `list presets`)")
     runtime = _runtime_fields(kwargs)
     options = _executor_options(kwargs)
     runs = []
     for preset in presets:
-        spec = preset.run_spec(epochs=epochs, seeds=_parse_ints(seeds, "--seed"), data_root=data_root,
-                               train_subset=train_subset, test_subset=test_subset, device=device, **runtime)
+        spec = preset.run_spec(epochs=epochs, seeds=_parse_ints(seeds, "--seed") if seeds is not None else None,
+                               data_root=data_root, train_subset=train_subset, test_subset=test_subset,
+                               device=device, **runtime)
         folder = f"{preset.name}-{hashlib.sha256(spec.to_json().encode()).hexdigest()[:10]}"
         if out is None:  # the same folder as a plain `reproduce PRESET` with these options, so either resumes both
             runs.append((preset, spec, Path("results") / "runs" / folder))

@@ -1,4 +1,4 @@
-"""The plugin contract every multi-bit method implements (see ``../shared/specs/design.md``).
+"""The plugin contract every multi-bit method implements (see ``docs/plugins.md``).
 
 The harness calls, in order: ``build`` -> ``param_groups`` -> ``prepare`` (a timed phase of its own) ->
 per epoch ``epoch_indices`` -> per step ``train_step`` (the method runs forward/backward; the harness zeroes
@@ -94,6 +94,11 @@ class Method:
         if untrained:
             raise ConfigError(f"{self.name} cannot evaluate bit-widths it did not train: {untrained} "
                               f"(trained: {list(bits)})")
+
+    def regime_notes(self, schedule: Any, bits: tuple[int, ...], train_size: int) -> list[str]:
+        """Reasons why ``schedule`` on ``train_size`` samples is outside the regime this method is meant for
+        (printed under the table); none by default."""
+        return []
 
     # -- building ---------------------------------------------------------------------------------------------
     def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any,

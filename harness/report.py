@@ -190,6 +190,16 @@ def caption(records: Sequence[dict[str, Any]]) -> str:
             f"training work (forward+backward sample-passes) by the cheapest method's.{reference}")
 
 
+def regime_lines(records: Sequence[dict[str, Any]]) -> str:
+    """One line per method whose run is outside its operating regime (``Method.regime_notes``), else nothing."""
+    notes: dict[str, list[str]] = {}
+    for record in records:
+        for note in record.get("regime_notes", ()):
+            if note not in notes.setdefault(record["method"], []):
+                notes[record["method"]].append(note)
+    return "".join(f"\nOutside its regime: {method}: {'; '.join(lines)}.\n" for method, lines in notes.items())
+
+
 def accuracy_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
     import io
 
@@ -259,7 +269,7 @@ def write_reports(root: Path, records: Sequence[dict[str, Any]], method_order: S
     frame = summary_frame(records)
     atomic_write_text(root / "summary.csv", frame.to_csv(index=False))
     table = comparison_table(records, method_order, baseline)
-    markdown = to_markdown(table) + "\n" + caption(records) + "\n"
+    markdown = to_markdown(table) + "\n" + caption(records) + "\n" + regime_lines(records)
     atomic_write_text(root / "table.md", markdown)
     atomic_write_text(root / "table.tex", table.to_latex(index=False, escape=True))
     atomic_write_text(root / "stats.csv", stats_frame(records).to_csv(index=False))

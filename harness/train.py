@@ -258,6 +258,10 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
     passes = distributed.sum_counter(ctx.passes, device)
     record = make_record(spec, method_spec, method, seed, model, accuracy, passes, timer, device, log, world)
     record["runtime"]["onednn"] = not onednn_off
+    record["regime_notes"] = list(method.regime_notes(schedule, tuple(spec.bits), len(data.train)))
+    topologies = [m.mbq_topology for m in model.modules() if hasattr(m, "mbq_topology")]
+    if topologies:  # one network per bit-width (dedicated) shares one declaration: record the first
+        record["topology"] = topologies[0].to_dict()
     if store is not None:
         store.save_record(method_spec, seed, record)
     return CellOutcome(record, log)

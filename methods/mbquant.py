@@ -2,7 +2,7 @@
 
 Zhong, Zhou, Chao, Ji, "MBQuant: A Novel Multi-Branch Topology Method for Arbitrary Bit-width Network
 Quantization", Pattern Recognition 2025, arXiv 2305.08117 (earlier name MultiQuant). Re-implemented from the
-spec ``shared/specs/mbquant.md`` (formulas of the paper and a reading of the authors' code).
+paper's formulas and a reading of the authors' code (zysxmu/MultiQuant).
 
 * Topology: every weight stays at 2 bits. With ``G = max(bits) / 2`` branches, each a copy of the network body,
   a ``b``-bit network runs ``b / 2`` branches, so its cost equals one ``b``-bit network. Realized as a

@@ -23,6 +23,7 @@ from harness.errors import ConfigError, MbqError
 
 PUBLISHED_DIR = Path(__file__).resolve().parents[2] / "results" / "published"
 PUBLISHED_COLUMNS = ["method", "bits", "metric", "value", "source"]
+PRESET_SIZES = ("cpu", "full")
 
 
 @dataclass(frozen=True)
@@ -40,18 +41,24 @@ class Preset:
     data_needs: str = ""
     speedup_baseline: str | None = None
     claims: tuple[Claim, ...] = ()
+    #: seeds when the command line gives none (claim presets: 3, for the bootstrap intervals of their verdicts)
+    seeds: tuple[int, ...] = (0,)
+    #: "cpu": sized to run on 2 CPU cores in about half an hour; "full": the paper-sized run, for a GPU
+    size: str = "full"
 
     def __post_init__(self) -> None:
         # a claim naming a method the preset does not run could never be decided: fail when the preset loads
         object.__setattr__(self, "claims", check_claims(self.claims, self.methods, self.eval_bits or self.bits))
+        if self.size not in PRESET_SIZES:
+            raise ConfigError(f"preset {self.name}: size must be one of {', '.join(PRESET_SIZES)}, got {self.size!r}")
 
-    def run_spec(self, *, epochs: int | None = None, seeds: tuple[int, ...] = (0,), data_root: str | None = None,
+    def run_spec(self, *, epochs: int | None = None, seeds: tuple[int, ...] | None = None, data_root: str | None = None,
                  train_subset: int | None = None, test_subset: int | None = None, device: str = "auto",
                  width: float | None = None, **runtime: Any) -> RunSpec:
         """The preset's run; ``epochs`` shortens the schedule, ``width`` overrides the model width (smoke tests);
         ``runtime``: RunSpec's execution fields (amp, channels_last, compile, data_placement)."""
         return RunSpec(methods=self.methods, dataset=self.dataset, model=self.model, width=width or self.width,
-                       bits=self.bits, eval_bits=self.eval_bits, seeds=seeds,
+                       bits=self.bits, eval_bits=self.eval_bits, seeds=seeds or self.seeds,
                        schedule=shortened(self.schedule, epochs), data_root=data_root, train_subset=train_subset,
                        test_subset=test_subset, device=device, baseline=self.speedup_baseline, **runtime)
 
@@ -97,8 +104,10 @@ def _discover() -> None:
         return
     for info in pkgutil.iter_modules(__path__):
         module = importlib.import_module(f"{__name__}.{info.name}")
-        preset = getattr(module, "PRESET", None)
-        if isinstance(preset, Preset):
+        found = (getattr(module, "PRESET", None), *getattr(module, "PRESETS", ()))
+        for preset in found:
+            if not isinstance(preset, Preset):
+                continue
             if preset.name in _PRESETS:
                 raise MbqError(f"preset {preset.name!r} is defined twice")
             _PRESETS[preset.name] = preset
@@ -109,9 +118,9 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
-def claim_presets() -> list[str]:
-    """The presets that carry claims (``reproduce --all-claims`` runs these)."""
-    return [name for name in list_presets() if _PRESETS[name].claims]
+def claim_presets(size: str | None = None) -> list[str]:
+    """The presets that carry claims (``reproduce --all-claims`` runs these), optionally of one ``size``."""
+    return [name for name in list_presets() if _PRESETS[name].claims and size in (None, _PRESETS[name].size)]
 
 
 def get_preset(name: str) -> Preset:

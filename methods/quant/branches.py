@@ -1,7 +1,7 @@
 """Multi-branch building blocks (MBQuant): branch selection, bounded quantizers, branch-sliced layers.
 
 Zhong, Zhou, Chao, Ji, "MBQuant: A Novel Multi-Branch Topology Method for Arbitrary Bit-width Network
-Quantization", Pattern Recognition 2025, arXiv 2305.08117. The spec is ``shared/specs/mbquant.md``.
+Quantization", Pattern Recognition 2025, arXiv 2305.08117.
 
 Topology. ``G`` branches share one module per layer: a body convolution holds ``G`` groups of output channels,
 group ``g`` being branch ``g``. A bit-width ``b`` runs the contiguous window of ``b / 2`` branches

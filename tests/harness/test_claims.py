@@ -100,15 +100,18 @@ def test_one_seed_is_decided_on_the_point_estimate_and_says_so():
     assert evaluate(tight, records).verdict == FAILS
 
 
+AP = "anyprecision:fp_shortcut=true"  # the preset runs the authors' network
+
+
 def test_missing_fp_record_is_inconclusive_not_a_crash():
     claim = presets.get_preset("anyprecision-cifar10-resnet20").claims[0]
-    verdict = evaluate(claim, [record("anyprecision", {8: 93.0}), record("dedicated", {8: 93.0})])
+    verdict = evaluate(claim, [record(AP, {8: 93.0}), record("dedicated", {8: 93.0})])
     assert verdict.verdict == INCONCLUSIVE
-    assert verdict.effects[0].describe() == "anyprecision@8 - fp@32: no fp record"
-    assert evaluate(claim, [record("anyprecision", {8: 93.0}, seed=0), record("fp", {32: 93.5}, seed=1)]
+    assert verdict.effects[0].describe() == f"{AP}@8 - fp@32: no fp record"
+    assert evaluate(claim, [record(AP, {8: 93.0}, seed=0), record("fp", {32: 93.5}, seed=1)]
                     ).effects[0].reason == "no seed in common"
-    assert evaluate(claim, [record("anyprecision", {4: 93.0}), record("fp", {32: 93.5})]
-                    ).effects[0].reason == "no anyprecision result at 8 bits"
+    assert evaluate(claim, [record(AP, {4: 93.0}), record("fp", {32: 93.5})]
+                    ).effects[0].reason == f"no {AP} result at 8 bits"
 
 
 def test_between_interpolated_bit_width():
@@ -247,14 +250,14 @@ def test_claims_round_trip_through_json_and_read_in_words():
 
 def test_reproduce_markdown_and_summary_carry_the_verdict_lines():
     preset = presets.get_preset("anyprecision-cifar10-resnet20")
-    records = [record("anyprecision", {8: 93.0}), record("fp", {32: 93.5})]
+    records = [record(AP, {8: 93.0}), record("fp", {32: 93.5})]
     text = reproduce_markdown(preset, records, epochs_run=preset.schedule.epochs)
-    line = ("- holds         anyprecision-8bit-within-1pt-of-fp: anyprecision@8 - fp@32 = -0.50 pt (>= -1; 1 seed)  — "
+    line = (f"- holds         anyprecision-8bit-within-1pt-of-fp: {AP}@8 - fp@32 = -0.50 pt (>= -1; 1 seed)  — "
             f"{preset.claims[0].source}")
     assert line in text.splitlines()
     summary = claims_summary([(preset, [evaluate(preset.claims[0], records)], 20)])
     assert "| anyprecision-cifar10-resnet20 (20 of 200 epochs) | anyprecision-8bit-within-1pt-of-fp: top-1 of " \
-           "anyprecision at 8 bits at most 1 pt below full-precision top-1 | holds |" in summary
+           f"{AP} at 8 bits at most 1 pt below full-precision top-1 | holds |" in summary
     assert "1 holds, 0 does not hold, 0 inconclusive." in summary
 
 
@@ -277,10 +280,15 @@ def test_all_claims_runs_every_preset_with_claims_and_writes_one_summary(capsys,
                   claims=(Claim("ap-2bit-near-dedicated", "made up", kind="within", a="anyprecision",
                                 b="dedicated", bits=2, margin=100.0),
                           Claim("ap-2bit-vs-fp", "made up", kind="no_worse", a="anyprecision", bits=2, b="fp",
-                                margin=100.0)))
+                                margin=100.0)), size="cpu")
     plain = Preset(name="no-claims", title="none", dataset="nosuchdata", model="resnet20", bits=(2,),
                    methods=("anyprecision",), schedule=Schedule(epochs=2))
-    monkeypatch.setattr(presets, "_PRESETS", {tiny.name: tiny, plain.name: plain})
+    # paper-sized: --all-claims runs it only with --full-size (its data set does not exist here)
+    big = Preset(name="big-claims", title="big", dataset="nosuchdata", model="resnet20", bits=(2,),
+                 methods=("anyprecision",), schedule=Schedule(epochs=2), size="full",
+                 claims=(Claim("ap-vs-fp", "made up", kind="no_worse", a="anyprecision", bits=2, b="fp"),))
+    monkeypatch.setattr(presets, "_PRESETS", {tiny.name: tiny, plain.name: plain, big.name: big})
+    assert presets.claim_presets("cpu") == ["tiny-claims"] and presets.claim_presets("full") == ["big-claims"]
     out = tmp_path / "claims"
     code = cli.run(["reproduce", "--all-claims", "--epochs", "1", "--train-subset", "64", "--test-subset", "32",
                     "--device", "cpu", "--quiet", "--out", str(out)])

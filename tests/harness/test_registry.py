@@ -49,17 +49,19 @@ def test_builtins_are_registered():
 
 
 def test_entry_point_method_is_discovered_and_trains(on_sys_path, tiny_spec, tmp_path):
-    make_distribution(on_sys_path, "mbq_plugin_example", "fp_baseline", "mbq_plugin_example:FullPrecision",
+    make_distribution(on_sys_path, "mbq_plugin_example", "joint_dorefa", "mbq_plugin_example:JointDoReFa",
                       readme_example())
     try:
         registry.discover(force=True)
-        assert "fp_baseline" in registry.list_methods()
-        spec = tiny_spec(methods=("fp_baseline",), bits=(32,), epochs=1)
+        assert "joint_dorefa" in registry.list_methods()
+        spec = tiny_spec(methods=("joint_dorefa", "anyprecision"), bits=(2, 8), epochs=1)
         records, table = run_comparison(spec, tmp_path / "out", show_progress=False)
-        assert records[0]["method"] == "fp_baseline" and "fp_baseline" in table
-        assert records[0]["results"]["32"]["sample_passes"] == 192
+        assert records[0]["method"] == "joint_dorefa" and "joint_dorefa" in table
+        assert records[0]["results"]["2"]["sample_passes"] == records[0]["results"]["8"]["sample_passes"] == 192
+        # the plugin quantizes exactly the sites the built-in methods do
+        assert records[0]["topology"] == records[1]["topology"]
     finally:
-        registry.unregister("fp_baseline")
+        registry.unregister("joint_dorefa")
 
 
 def test_entry_point_reusing_a_builtin_name_is_an_error(on_sys_path):

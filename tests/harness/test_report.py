@@ -119,3 +119,15 @@ def test_reference_is_drawn_as_a_horizontal_line(monkeypatch):
     lines.clear()
     accuracy_plot_png(records[:1])
     assert lines == []
+
+
+def test_regime_notes_are_one_line_per_method_under_the_table(tmp_path):
+    from harness.report import regime_lines
+
+    inside = record("mbquant", 0, {2: 90.0})
+    outside = [{**record("emq", seed, {2: 80.0}), "regime_notes": ["3 coreset steps per epoch", "scoring 75%"]}
+               for seed in (0, 1)]
+    assert regime_lines([inside]) == ""
+    assert regime_lines([inside, *outside]) == "\nOutside its regime: emq: 3 coreset steps per epoch; scoring 75%.\n"
+    markdown = write_reports(tmp_path, [inside, *outside])
+    assert markdown.endswith("Outside its regime: emq: 3 coreset steps per epoch; scoring 75%.\n")

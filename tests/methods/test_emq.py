@@ -49,7 +49,10 @@ def batch_of(data, indices) -> Batch:
 def test_defaults_are_the_specs_and_options_parse_from_the_command_line():
     cfg = EMQConfig()
     assert (cfg.prune, cfg.tau, cfg.score_epochs, cfg.scoring, cfg.sampling, cfg.resample_every) == (
-        0.8, 0.5, 10, "bitwise", "softmax", 1)
+        0.8, 0.5, None, "bitwise", "softmax", 1)
+    # 5 % of the schedule (the paper: 10 of 200 epochs), at least 3; a fixed count wins
+    assert [cfg.scoring_epochs(e) for e in (10, 60, 70, 200, 400)] == [3, 3, 4, 10, 20]
+    assert EMQConfig(score_epochs=12).scoring_epochs(200) == 12
     assert (cfg.bias_correction, cfg.shared_bn, cfg.share_binary_bn, cfg.bn_adapt_batches, cfg.distill) == (
         "per_layer", True, False, 100, "none")
     parsed = instantiate("emq:scoring=batchwise:sampling=power:prune=0:bias_correction=per_channel:act_bits=4:"
@@ -78,6 +81,20 @@ def test_scoring_lr_constant_or_the_schedule_compressed_into_the_scoring_epochs(
     step = Schedule(epochs=20, lr_schedule="step", milestones=(10,))
     assert scoring_lr_factor(step, "compressed", 4, 9, 10, 10) == 1.0  # main epoch 9.8
     assert scoring_lr_factor(step, "compressed", 5, 0, 10, 10) == pytest.approx(0.1)  # main epoch 10
+
+
+def test_regime_notes_flag_long_scoring_and_few_coreset_steps():
+    method = get_method("emq")()
+    paper = Schedule(epochs=200, batch_size=128)
+    # CIFAR-10: 50,000 samples, 10 of 200 epochs scored, 10,000 kept: scoring is exactly 25 % -> in regime
+    assert method.regime_notes(paper, (2, 4, 8), 50_000) == []
+    assert method.regime_notes(Schedule(epochs=60, batch_size=32), (2, 4, 8), 1437) == []  # 25 %, 9 steps
+    short = Schedule(epochs=20, batch_size=128)
+    notes = method.regime_notes(short, (2, 4, 8), 1437)  # digits: 3 scoring epochs, 287 kept
+    assert notes == ["scoring (3 epochs on all 1437 samples per bit-width) is 75% of its coreset training passes "
+                     "(over 25%: the schedule is short for 80% pruning)",
+                     "3 coreset steps per epoch (287 samples, batch 128; under 8)"]
+    assert get_method("emq").from_options({"prune": "0"}).regime_notes(short, (2,), 1437) == []
 
 
 # -- network -----------------------------------------------------------------------------------------------------
