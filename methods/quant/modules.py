@@ -43,7 +43,22 @@ class BitSwitchable:
         self.bits = int(bits)
 
 
-class QuantConv2d(BitSwitchable, nn.Conv2d):
+class QuantizedSite:
+    """What a layer at a site of the harness topology quantizes (:func:`harness.topology.layer_quantizes`):
+    its weights (always, unless a subclass says otherwise) and its input when it has an input quantizer."""
+
+    input_quantizer: object | None
+
+    @property
+    def quantizes_weight(self) -> bool:
+        return True
+
+    @property
+    def quantizes_input(self) -> bool:
+        return self.input_quantizer is not None
+
+
+class QuantConv2d(QuantizedSite, BitSwitchable, nn.Conv2d):
     """A ``Conv2d`` that quantizes its input with ``input_quantizer(x, bits)`` and its weight with
     ``weight_quantizer(weight, bits)`` on every forward pass; either may be None (that part stays full precision,
     as a topology departure such as a full-precision shortcut asks).
@@ -80,10 +95,6 @@ class QuantConv2d(BitSwitchable, nn.Conv2d):
     @property
     def quantizes_weight(self) -> bool:
         return self.weight_quantizer is not None
-
-    @property
-    def quantizes_input(self) -> bool:
-        return self.input_quantizer is not None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **kwargs) -> QuantConv2d:

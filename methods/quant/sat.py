@@ -57,7 +57,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from methods.quant.dorefa import FULL_PRECISION
-from methods.quant.modules import FLOAT_BITS, BitSwitchable, copy_weight_and_bias
+from methods.quant.modules import FLOAT_BITS, BitSwitchable, QuantizedSite, copy_weight_and_bias
 from methods.quant.pact import SwitchablePACT
 
 WeightBitsRule = Literal["same", "highest", "max8"]
@@ -119,7 +119,7 @@ def weight_bits_for(rule: str, bits: int, bits_set: tuple[int, ...]) -> int:
     raise ConfigError(f"unknown weight-bits rule {rule!r}; choose one of {', '.join(WEIGHT_BITS_RULES)}")
 
 
-class SATLayer(BitSwitchable):
+class SATLayer(QuantizedSite, BitSwitchable):
     """Shared bit-width bookkeeping and storage of :class:`SATConv2d` and :class:`SATLinear`.
 
     Storage: weights at the layer's weight precision (one highest copy for the whole set, since codes nest under
@@ -138,14 +138,6 @@ class SATLayer(BitSwitchable):
     def quantized_weight(self) -> torch.Tensor:
         """The SAT weight at the current weight precision under the layer's scheme, before any rescale."""
         return sat_weight(self.weight, self.weight_bits(), self.weight_scheme)
-
-    @property
-    def quantizes_weight(self) -> bool:
-        return True
-
-    @property
-    def quantizes_input(self) -> bool:
-        return self.input_quantizer is not None
 
     def set_bits(self, bits: int) -> None:
         if int(bits) not in self.bits_set:

@@ -17,12 +17,12 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.topology import Site, Topology, quantize_model
 from methods.quant.lsq import LSQActivation
-from methods.quant.modules import BitSwitchable, WeightQuantizer, copy_weight_and_bias
+from methods.quant.modules import BitSwitchable, QuantizedSite, WeightQuantizer, copy_weight_and_bias
 
 FLOAT_BITS = 32
 
 
-class QuantLinear(BitSwitchable, nn.Linear):
+class QuantLinear(QuantizedSite, BitSwitchable, nn.Linear):
     """``nn.Linear`` with ``weight_quantizer(weight, bits)`` on its weight and an optional input quantizer.
 
     ``scales_per_layer`` is the number of 32-bit constants deployment at a bit-width below 32 stores beside the
@@ -44,14 +44,6 @@ class QuantLinear(BitSwitchable, nn.Linear):
     def from_linear(cls, linear: nn.Linear, **kwargs) -> QuantLinear:
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, **kwargs)
         return copy_weight_and_bias(linear, layer)
-
-    @property
-    def quantizes_weight(self) -> bool:
-        return True
-
-    @property
-    def quantizes_input(self) -> bool:
-        return self.input_quantizer is not None
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight, self.bits)
