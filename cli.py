@@ -230,6 +230,8 @@ def reproduce(preset_name, all_claims, data_root, epochs, seeds, full_size, trai
 
     if all_claims == (preset_name is not None):
         raise ConfigError("give one PRESET, or --all-claims to run every preset that has claims (not both)")
+    if full_size and not all_claims:
+        raise ConfigError("--full-size selects the claim presets of --all-claims; give both, or name one PRESET")
     size = "full" if full_size else "cpu"
     presets = [get_preset(name) for name in (claim_presets(size) if all_claims else [preset_name])]
     if not presets:

@@ -1,8 +1,8 @@
 """Full-precision model definitions and a factory by name.
 
-Models are plain PyTorch modules. Methods turn them into quantized networks by swapping layers
-(:func:`methods.quant.modules.swap_modules`); to let them do that without knowing each architecture,
-layers with a special part in quantized networks carry a ``mbq_role`` attribute:
+Models are plain PyTorch modules. Methods quantize them through the harness's topology
+(:mod:`harness.topology`), which finds the layers with a special part in quantized networks by their ``mbq_role``
+attribute:
 
 * ``"input"``: the input normalization (data-set mean and std), never quantized;
 * ``"stem"``: the first convolution, full precision in every method here;

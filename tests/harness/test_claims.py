@@ -304,3 +304,9 @@ def test_all_claims_runs_every_preset_with_claims_and_writes_one_summary(capsys,
     verdicts = json.loads((folder / "claims.json").read_text())
     assert [v["claim"] for v in verdicts] == ["ap-2bit-near-dedicated", "ap-2bit-vs-fp"]
     assert verdicts[0]["verdict"] == HOLDS and verdicts[0]["effects"][0]["n"] == 1
+
+
+def test_full_size_without_all_claims_is_a_one_line_error(capsys):
+    assert cli.run(["reproduce", "fmnist-all", "--full-size"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --full-size selects the claim presets of --all-claims") and err.count("\n") == 1
