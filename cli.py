@@ -123,7 +123,7 @@ def _print(text: str) -> None:
 @click.option("--model", default="resnet20", show_default=True, help="Model name (see `list models`).")
 @click.option("--width", type=float, default=1.0, show_default=True, help="Channel width multiplier of the model.")
 @click.option("--bits", default="2,4,8", show_default=True,
-              help="Bit-widths to train and evaluate (1..32; MBQuant needs even ones, 32 is full precision).")
+              help="Bit-widths to train and evaluate (1..32; MBQuant needs 2 or more, 32 is full precision).")
 @click.option("--eval-bits", default=None,
               help="Bit-widths to evaluate after training (default: --bits); untrained ones only for methods that "
                    "support them (e.g. EMQ after BN adaptation).")

@@ -11,7 +11,8 @@ attribute:
 
 Architectures: ResNet-20 (He et al., CVPR 2016, Sec. 4.2, option B shortcuts), the pre-activation ResNet-20 of
 Any-Precision DNNs (Yu et al., AAAI 2021, code ``resnet20q``), and torchvision's ResNet-18 with a 3x3 stride-1
-stem and no max-pool for small images (torchvision's stem at ImageNet size), and DeiT-Tiny (timm).
+stem and no max-pool for small images (torchvision's stem at ImageNet size), MobileNetV1 (Howard et al., arXiv
+1704.04861, Table 1; a stride-1 stem for small images) and DeiT-Tiny (timm).
 """
 
 from __future__ import annotations
@@ -188,6 +189,66 @@ class ResNet18(ResNet):
         return super().forward(self.input_norm(x))
 
 
+# MobileNetV1's depthwise-separable blocks (Howard et al., Table 1): (output channels, stride of the depthwise conv).
+MOBILENETV1_BLOCKS: tuple[tuple[int, int], ...] = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1), (512, 1), (512, 1),
+    (1024, 2), (1024, 1),
+)
+MOBILENETV1_STEM = 32
+
+
+class DepthwiseSeparable(nn.Module):
+    """3x3 depthwise conv-BN-ReLU, then 1x1 pointwise conv-BN-ReLU (no residual)."""
+
+    def __init__(self, in_chans: int, out_chans: int, stride: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_chans, in_chans, 3, stride, 1, groups=in_chans, bias=False)
+        self.bn1 = nn.BatchNorm2d(in_chans)
+        self.relu1 = nn.ReLU()
+        self.pointwise = nn.Conv2d(in_chans, out_chans, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chans)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.bn2(self.pointwise(self.relu1(self.bn1(self.depthwise(x))))))
+
+
+def mobilenetv1_widths(width: float) -> tuple[int, tuple[int, ...]]:
+    """Stem channels and each block's output channels at ``width`` (the paper's width multiplier alpha)."""
+    def scale(channels: int) -> int:
+        return max(1, int(round(channels * width)))
+
+    return scale(MOBILENETV1_STEM), tuple(scale(c) for c, _ in MOBILENETV1_BLOCKS)
+
+
+class MobileNetV1(nn.Module):
+    """MobileNetV1: a full-precision 3x3 stem (stride 2 at 128 pixels and more, else stride 1), 13
+    depthwise-separable blocks, global average pool, linear classifier. ``width`` scales every layer."""
+
+    SMALL_INPUT_LIMIT = 128
+
+    def __init__(self, num_classes: int, in_chans: int, mean, std, width: float = 1.0,
+                 image_size: int | None = None) -> None:
+        super().__init__()
+        stem_width, widths = mobilenetv1_widths(width)
+        stride = 2 if image_size is not None and image_size >= self.SMALL_INPUT_LIMIT else 1
+        self.input_norm = InputNorm(mean, std)
+        self.stem = tag(nn.Conv2d(in_chans, stem_width, 3, stride, 1, bias=False), "stem")
+        self.stem_post = nn.Sequential(nn.BatchNorm2d(stem_width), nn.ReLU())
+        blocks, in_width = [], stem_width
+        for out_width, (_, block_stride) in zip(widths, MOBILENETV1_BLOCKS):
+            blocks.append(DepthwiseSeparable(in_width, out_width, block_stride))
+            in_width = out_width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = tag(nn.Linear(in_width, num_classes), "head")
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem_post(self.stem(self.input_norm(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
 def vit_patch_size(image_size: int) -> int:
     """16 at ImageNet size; for small images the smallest patch that gives at most 8 x 8 tokens."""
     if image_size >= 224:
@@ -220,11 +281,12 @@ MODELS: dict[str, ModelFactory] = {
     "resnet20": lambda **kw: CifarResNet(preact=False, **kw),
     "preact_resnet20": lambda **kw: CifarResNet(preact=True, **kw),
     "resnet18": ResNet18,
+    "mobilenetv1": MobileNetV1,
     "deit_tiny": DeiTTiny,
 }
 NEEDS_IMAGE_SIZE = ("deit_tiny",)
-USES_IMAGE_SIZE = ("deit_tiny", "resnet18")
-CONVOLUTIONAL_MODELS = ("resnet20", "preact_resnet20", "resnet18")
+USES_IMAGE_SIZE = ("deit_tiny", "resnet18", "mobilenetv1")
+CONVOLUTIONAL_MODELS = ("resnet20", "preact_resnet20", "resnet18", "mobilenetv1")
 
 
 def list_models() -> list[str]:

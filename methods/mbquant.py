@@ -4,9 +4,10 @@ Zhong, Zhou, Chao, Ji, "MBQuant: A Novel Multi-Branch Topology Method for Arbitr
 Quantization", Pattern Recognition 2025, arXiv 2305.08117 (earlier name MultiQuant). Re-implemented from the
 paper's formulas and a reading of the authors' code (zysxmu/MultiQuant).
 
-* Topology: every weight stays at 2 bits. With ``G = max(bits) / 2`` branches, each a copy of the network body,
-  a ``b``-bit network runs ``b / 2`` branches, so its cost equals one ``b``-bit network. Realized as a
-  ``G``-times wider body of grouped convolutions (group ``g`` = branch ``g``,
+* Topology: every weight stays at 2 bits. With ``G = ceil(max(bits) / 2)`` branches, each a copy of the network
+  body, a ``b``-bit network runs ``floor(b / 2)`` branches, and at an odd ``b`` also a partial branch (a narrower
+  slice of the next branch), so its cost is about one ``b``-bit network's (:mod:`methods.mbquant_networks`).
+  Realized as a ``G``-times wider body of grouped convolutions (group ``g`` = branch ``g``,
   :class:`methods.quant.branches.BranchConv2d`); switchable BN (one per bit-width over the active channels);
   after the last block the active branches' outputs are averaged -> global average pool -> shared FP FC.
 
@@ -22,7 +23,9 @@ paper's formulas and a reading of the authors' code (zysxmu/MultiQuant).
 * Bounds initialization (``prepare``, one batch, no grad, train mode, one forward per bit-width, descending):
   ``u_W = 3 std(w_branch)``, ``l_W = -3 std(w_branch)``; ``u_A = 3 std(x) / sqrt(1 - 2/pi)``, ``l_A = min(x)``.
 * Amortized branch selection: contiguous windows whose starts spread branch usage over bit-widths
-  (:func:`methods.quant.branches.amortized_selection`); {2, 4, 6, 8}: {0}, {1, 2}, {1, 2, 3}, {0, 1, 2, 3}.
+  (:func:`methods.quant.branch_selection.amortized_selection`); {2, 4, 6, 8}: {0}, {1, 2}, {1, 2, 3}, {0, 1, 2, 3};
+  odd bit-widths as the authors' code: 3 -> {0} + part of 1, 5 -> {1, 2} + part of 3, 7 -> {0, 1, 2} + part of 3.
+  The {2, 3, 4} setting of the paper's ImageNet table uses ``selection=serial`` (the code's choice for that set).
 * Training step (in-place distillation), bit-widths descending: the largest with ``CE(z, y)``; its detached
   softmax is the teacher ``p``; every other ``b``: ``(soft-CE(z_b, p) + CE(z_b, y)) / 2``; backward each.
 * Optimizers: model weights follow the harness schedule; the bounds are a group with Adam, lr ``quant_lr``
@@ -32,9 +35,9 @@ paper's formulas and a reading of the authors' code (zysxmu/MultiQuant).
   bounds. The whole set: every branch (``2G`` bits per base weight), every bit-width's BN and activation bounds.
 
 Supported: ``resnet20``, ``preact_resnet20`` (not in the paper: pre-activation branch blocks and a final
-per-bit-width BN before the branch mean, by analogy) and ``resnet18``; even bit-widths 2..16 (odd ones: see
-``odd_bits`` below). The branch network follows the harness topology (:mod:`harness.topology`): its layers
-carry the sites' names and are checked against the full-precision model's shapes at build time.
+per-bit-width BN before the branch mean, by analogy), ``resnet18`` and ``mobilenetv1``; bit-widths 2..16. The
+branch network follows the harness topology (:mod:`harness.topology`): its layers carry the sites' names and
+are checked against the full-precision model's shapes at build time. Documentation: ``docs/methods/mbquant.md``.
 
 UNRESOLVED details (spec default, each a config option):
 
@@ -45,8 +48,12 @@ UNRESOLVED details (spec default, each a config option):
 * ``ste_scale=0.0``: the code's backward scaling factor (EWGS-style), 0 = plain STE.
 * ``init_batch_size=None``: the bounds are initialized on the first ``init_batch_size`` samples (None: the
   schedule's batch size, 128 without one) of a permutation seeded by the run seed.
-* ``odd_bits="error"``: odd bit-widths are refused; the code's partial "1-bit" branch (``partial_branch``) is
-  not implemented and requesting it is a ConfigError.
+* ``odd_bits="partial_branch"``: an odd bit-width runs the partial branch (the code's "1-bit" branch: its weights
+  are 2-bit like the others, with their own bounds, activation bounds and BN); "error" refuses odd bit-widths.
+  Partial widths are the code's (:mod:`methods.mbquant_networks`). Where the code's first conv of a block reads
+  only part of the partial branch's input channels (8 of 16 in ResNet-20's stage 1), every partial conv here reads
+  all of them: the partial branch is a narrower sub-network. The code shuffles the whole residual of ResNet-18's
+  downsampling blocks; here only the full branches' channels are shuffled and the partial branch's stay last.
 * ``distill="on"`` (in-place distillation); "off" trains every bit-width with CE on labels (Fig. 3 ablation).
 * ``selection="amortized"``; "serial" always starts at branch 0 (Fig. 3 ablation).
 * ``std`` in the initialization is the unbiased (Bessel-corrected) one, torch's default.
@@ -58,7 +65,7 @@ UNRESOLVED details (spec default, each a config option):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,28 +76,18 @@ from torch import nn
 from harness.config import MethodConfig, check_positive
 from harness.errors import ConfigError
 from harness.method import Batch, Method, RunContext
-from harness.models import InputNorm, ResNet18, stage_widths, tag
 from harness.registry import register_method
 from harness.topology import Site, Topology, declare_topology, site_role, tag_blocks, tag_sites
 from methods.anyprecision import create_fp_model
-from methods.quant.branches import (
-    BranchAverage,
-    BranchConv2d,
-    BranchStemConv2d,
-    BranchSwitchableBatchNorm2d,
-    BranchTile,
-    Selection,
-    SharedBranchBatchNorm2d,
-    amortized_selection,
-    channel_shuffle,
-    serial_selection,
-)
+from methods.mbquant_networks import BUILDERS, MultiBranchNetwork
+from methods.quant.branch_selection import MIN_BITS, amortized_selection, num_branches, serial_selection
+from methods.quant.branches import BranchConv2d, BranchStemConv2d
 from methods.quant.distill import soft_cross_entropy
 from methods.quant.modules import set_model_bits
 
 MAX_BITS = 16
 DEFAULT_INIT_BATCH = 128
-SUPPORTED_MODELS = ("resnet20", "preact_resnet20", "resnet18")
+SUPPORTED_MODELS = ("resnet20", "preact_resnet20", "resnet18", "mobilenetv1")
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,7 @@ class MBQuantConfig(MethodConfig):
     quant_lr: float = 1e-4
     ste_scale: float = 0.0
     init_batch_size: int | None = None
-    odd_bits: Literal["error", "partial_branch"] = "error"
+    odd_bits: Literal["partial_branch", "error"] = "partial_branch"
     shuffle: bool | None = None
 
     def __post_init__(self) -> None:
@@ -111,165 +108,6 @@ class MBQuantConfig(MethodConfig):
         check_positive("mbquant ste_scale", self.ste_scale, allow_zero=True)
         if self.init_batch_size is not None:
             check_positive("mbquant init_batch_size", self.init_batch_size)
-        if self.odd_bits == "partial_branch":
-            raise ConfigError("mbquant odd_bits=partial_branch (the code's partial 1-bit branch) is not implemented; "
-                              "use even bit-widths")
-
-
-class MultiBranchBlock(nn.Module):
-    """ResNet basic block of branch convs: conv-BN-ReLU-conv-BN plus shortcut, then ReLU, per branch.
-
-    ``shuffle``: in a block with a projection shortcut, the residual output is channel-shuffled over the active
-    branches before the add (the spec's ResNet-18), which mixes branches.
-    """
-
-    def __init__(self, in_per_branch: int, out_per_branch: int, stride: int, num_branches: int,
-                 selection: Selection, cfg: MBQuantConfig, shuffle: bool) -> None:
-        super().__init__()
-
-        def conv(cin: int, cout: int, kernel: int, stride: int, quantized: bool = True) -> BranchConv2d:
-            return BranchConv2d(cin, cout, kernel, stride, kernel // 2, num_branches, selection, quantized=quantized,
-                                bounds_by=cfg.bounds_by, backward_scaling=cfg.ste_scale)
-
-        self.conv1 = conv(in_per_branch, out_per_branch, 3, stride)
-        self.bn1 = BranchSwitchableBatchNorm2d(out_per_branch, selection)
-        self.relu1 = nn.ReLU()
-        self.conv2 = conv(out_per_branch, out_per_branch, 3, 1)
-        self.bn2 = BranchSwitchableBatchNorm2d(out_per_branch, selection)
-        self.relu2 = nn.ReLU()
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_per_branch != out_per_branch:
-            self.downsample = nn.Sequential(
-                tag(conv(in_per_branch, out_per_branch, 1, stride, quantized=cfg.shortcut == "quantized"), "shortcut"),
-                BranchSwitchableBatchNorm2d(out_per_branch, selection),
-            )
-        self.shuffle = shuffle and self.downsample is not None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.shuffle:
-            out = channel_shuffle(out, self.conv1.window[1])
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu2(out + shortcut)
-
-
-class MultiBranchPreActBlock(nn.Module):
-    """Pre-activation block of branch convs (as :class:`harness.models.PreActBlock`): BN-ReLU-conv-BN-ReLU-conv
-    plus shortcut, per branch; a downsampling shortcut reads the first ReLU's output."""
-
-    def __init__(self, in_per_branch: int, out_per_branch: int, stride: int, num_branches: int,
-                 selection: Selection, cfg: MBQuantConfig, shuffle: bool = False) -> None:
-        super().__init__()
-
-        def conv(cin: int, cout: int, kernel: int, stride: int, quantized: bool = True) -> BranchConv2d:
-            return BranchConv2d(cin, cout, kernel, stride, kernel // 2, num_branches, selection, quantized=quantized,
-                                bounds_by=cfg.bounds_by, backward_scaling=cfg.ste_scale)
-
-        self.bn1 = BranchSwitchableBatchNorm2d(in_per_branch, selection)
-        self.act1 = nn.ReLU()
-        self.conv1 = conv(in_per_branch, out_per_branch, 3, stride)
-        self.bn2 = BranchSwitchableBatchNorm2d(out_per_branch, selection)
-        self.act2 = nn.ReLU()
-        self.conv2 = conv(out_per_branch, out_per_branch, 3, 1)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_per_branch != out_per_branch:
-            self.shortcut = nn.Sequential(
-                tag(conv(in_per_branch, out_per_branch, 1, stride, quantized=cfg.shortcut == "quantized"), "shortcut"),
-                BranchSwitchableBatchNorm2d(out_per_branch, selection),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        activated = self.act1(self.bn1(x))
-        out = self.conv2(self.act2(self.bn2(self.conv1(activated))))
-        return out + (x if self.shortcut is None else self.shortcut(activated))
-
-
-class MultiBranchResNet(nn.Module):
-    """A ResNet whose body is ``num_branches`` 2-bit branches; ``set_model_bits`` selects the active window.
-
-    ``stem`` maps the normalized input to the active branches' channels; stages of ``blocks_per_stage`` basic
-    blocks (stride 2 at the first block of every stage after the first); branch mean, global pool, FC.
-    """
-
-    def __init__(self, *, stem: nn.Module, widths: Sequence[int], blocks_per_stage: int, num_classes: int, mean,
-                 std, num_branches: int, selection: Selection, cfg: MBQuantConfig, shuffle: bool,
-                 block: type[nn.Module] = MultiBranchBlock, final_norm: bool = False) -> None:
-        super().__init__()
-        self.num_branches = num_branches
-        self.selection = dict(selection)
-        self.input_norm = InputNorm(mean, std)
-        self.stem = stem
-        blocks: list[nn.Module] = []
-        in_width = widths[0]
-        for stage, out_width in enumerate(widths):
-            for index in range(blocks_per_stage):
-                stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(block(in_width, out_width, stride, num_branches, selection, cfg, shuffle))
-                in_width = out_width
-        self.blocks = nn.Sequential(*blocks)
-        # Pre-activation networks end with a BN (per bit-width and branch here) before pooling, no ReLU.
-        self.final_norm = BranchSwitchableBatchNorm2d(in_width, selection) if final_norm else nn.Identity()
-        self.branch_mean = BranchAverage(in_width, selection)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = tag(nn.Linear(in_width, num_classes), "head")
-
-    def branch_convs(self) -> list[BranchConv2d]:
-        return [m for m in self.modules() if isinstance(m, BranchConv2d)]
-
-    def bound_parameters(self) -> list[nn.Parameter]:
-        return [p for conv in self.branch_convs() for p in conv.bound_parameters()]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(self.input_norm(x))
-        x = self.pool(self.branch_mean(self.final_norm(self.blocks(x))))
-        return self.fc(torch.flatten(x, 1))
-
-
-def multi_branch_resnet20(num_classes: int, data_info: Any, width: float, num_branches: int, selection: Selection,
-                          cfg: MBQuantConfig) -> MultiBranchResNet:
-    """CIFAR ResNet-20 (16/32/64 x width per branch): every branch has its own slice of the full-precision
-    3x3 stem (in -> 16G) and of one plain BN shared by all bit-widths."""
-    widths = stage_widths(width)
-    stem = nn.Sequential(BranchStemConv2d(data_info.in_chans, widths[0], 3, num_branches, selection),
-                         SharedBranchBatchNorm2d(widths[0], num_branches, selection), nn.ReLU())
-    return MultiBranchResNet(stem=stem, widths=widths, blocks_per_stage=3, num_classes=num_classes,
-                             mean=data_info.mean, std=data_info.std, num_branches=num_branches, selection=selection,
-                             cfg=cfg, shuffle=bool(cfg.shuffle))
-
-
-def multi_branch_preact_resnet20(num_classes: int, data_info: Any, width: float, num_branches: int,
-                                 selection: Selection, cfg: MBQuantConfig) -> MultiBranchResNet:
-    """Pre-activation ResNet-20 (as ``harness.models``' ``preact_resnet20``; not in the paper, built by analogy with
-    its ResNet-20): each branch its own slice of the full-precision stem, no BN or ReLU after it, pre-activation
-    branch blocks, a final per-bit-width BN, then the branch mean, pooling and the FC."""
-    widths = stage_widths(width)
-    stem = BranchStemConv2d(data_info.in_chans, widths[0], 3, num_branches, selection)
-    return MultiBranchResNet(stem=stem, widths=widths, blocks_per_stage=3, num_classes=num_classes,
-                             mean=data_info.mean, std=data_info.std, num_branches=num_branches, selection=selection,
-                             cfg=cfg, shuffle=False, block=MultiBranchPreActBlock, final_norm=True)
-
-
-def multi_branch_resnet18(num_classes: int, data_info: Any, width: float, num_branches: int, selection: Selection,
-                          cfg: MBQuantConfig) -> MultiBranchResNet:
-    """ResNet-18 (64/128/256/512 x width per branch): one shared full-precision stem (as ``harness.models``:
-    7x7 stride 2 + max-pool at 128 pixels and more, else 3x3 stride 1) and plain BN, whose output every active
-    branch receives a copy of; channel shuffle in the downsampling blocks unless ``shuffle=false``."""
-    base = max(1, int(round(64 * width)))
-    large = (getattr(data_info, "image_size", None) or 0) >= ResNet18.SMALL_INPUT_LIMIT
-    conv = nn.Conv2d(data_info.in_chans, base, 7, 2, 3, bias=False) if large else nn.Conv2d(
-        data_info.in_chans, base, 3, 1, 1, bias=False)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-    stem = nn.Sequential(tag(conv, "stem"), nn.BatchNorm2d(base), nn.ReLU(),
-                         nn.MaxPool2d(3, 2, 1) if large else nn.Identity(), BranchTile(selection))
-    return MultiBranchResNet(stem=stem, widths=(base, 2 * base, 4 * base, 8 * base), blocks_per_stage=2,
-                             num_classes=num_classes, mean=data_info.mean, std=data_info.std,
-                             num_branches=num_branches, selection=selection, cfg=cfg,
-                             shuffle=True if cfg.shuffle is None else cfg.shuffle)
-
-
-BUILDERS = {"resnet20": multi_branch_resnet20, "preact_resnet20": multi_branch_preact_resnet20,
-            "resnet18": multi_branch_resnet18}
 
 
 def mbquant_topology(model_name: str, num_classes: int, data_info: Any, width: float,
@@ -300,17 +138,17 @@ def mbquant_topology(model_name: str, num_classes: int, data_info: Any, width: f
     return topology, check
 
 
-def tag_mbquant_sites(model: MultiBranchResNet, topology: Topology, check) -> None:
+def tag_mbquant_sites(model: MultiBranchNetwork, topology: Topology, check) -> None:
     """Give the branch network's layers and blocks the names of the harness topology's sites, in order."""
     layers = [(site_role(m), m) for m in model.modules()
               if isinstance(m, (BranchConv2d, BranchStemConv2d, nn.Conv2d, nn.Linear))]
     tag_sites(topology, layers, check=check)
-    tag_blocks(topology, list(model.blocks))
+    tag_blocks(topology, list(model.blocks) if model.residual else [])
     model.mbq_topology = topology
 
 
 @torch.no_grad()
-def initialize_bounds(model: MultiBranchResNet, x: torch.Tensor) -> None:
+def initialize_bounds(model: MultiBranchNetwork, x: torch.Tensor) -> None:
     """Weight bounds from each branch's weights; activation bounds from one forward of ``x`` per bit-width
     (descending), each layer setting its bounds from its own input before quantizing it."""
     convs = model.branch_convs()
@@ -337,10 +175,13 @@ class MBQuant(Method):
     supported_models = SUPPORTED_MODELS
 
     def check_bits(self, bits: tuple[int, ...]) -> None:
+        too_low = [b for b in bits if b < MIN_BITS]
+        if too_low:
+            raise ConfigError(f"mbquant needs at least {MIN_BITS} bits (one 2-bit branch), got {too_low[0]}")
         odd = [b for b in bits if b % 2]
-        if odd:
-            raise ConfigError(f"mbquant needs even bit-widths 2..{MAX_BITS} (each b runs b/2 two-bit branches); "
-                              f"{odd[0]} is odd and the partial-branch odd bit-widths are not implemented")
+        if odd and self.cfg.odd_bits == "error":
+            raise ConfigError(f"mbquant with odd_bits=error needs even bit-widths (each b runs b/2 two-bit branches); "
+                              f"{odd[0]} is odd (odd_bits=partial_branch serves it)")
         too_high = [b for b in bits if b > MAX_BITS]
         if too_high:
             raise ConfigError(f"mbquant supports bit-widths up to {MAX_BITS} (max(bits)/2 branches), "
@@ -355,7 +196,7 @@ class MBQuant(Method):
         self.check_model(model_name)
         selection = self.selection_for(tuple(bits))
         topology, check = mbquant_topology(model_name, num_classes, data_info, width, self.cfg)
-        model = BUILDERS[model_name](num_classes, data_info, width, max(bits) // 2, selection, self.cfg)
+        model = BUILDERS[model_name](num_classes, data_info, width, num_branches(bits), selection, self.cfg)
         tag_mbquant_sites(model, topology, check)
         return model
 

@@ -14,7 +14,7 @@ PRESET = Preset(
                       weight_decay=5e-4, lr_schedule="onecycle", augment=True),
     speedup_baseline="emq:prune=0",
     notes=(
-        "Bits 2/4/8: the set every method supports (MBQuant needs even bit-widths).",
+        "Bits 2/4/8: the paper methods' common set.",
         "Schedule: the full-precision reference of design.md (SGD nesterov, one-cycle lr 0.1, flip + pad-crop); "
         "full-precision ResNet-20 reaches 92.1% after 6 epochs on it.",
         "EMQ scores for 3 epochs (the minimum for a TDDS window; 15% of training, against 5% in the paper).",

@@ -11,7 +11,7 @@ import torch
 from harness.method import Batch, RunContext
 from harness.registry import get_method, list_methods
 
-BITS = (2, 4, 8)  # a set every method supports (MBQuant needs even bit-widths)
+BITS = (2, 3, 4, 8)  # a set every method supports, one odd bit-width among them
 
 
 def bits_of(method) -> tuple[int, ...]:

@@ -17,7 +17,8 @@ from harness.errors import ConfigError
 from harness.method import Batch, RunContext
 from harness.optim import build_optimizers
 from harness.registry import get_method
-from methods.quant.branches import BranchConv2d, channel_shuffle
+from methods.quant.branch_norm import channel_shuffle
+from methods.quant.branches import BranchConv2d
 
 
 def build(info, bits=(2, 4, 8), width=0.25, model="resnet20", **options):
@@ -30,21 +31,24 @@ def context(bits) -> RunContext:
     return RunContext(bits=bits, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
 
 
-def test_bits_must_be_even_and_at_most_16():
+def test_bits_are_2_to_16_and_odd_ones_need_the_partial_branch():
     method = get_method("mbquant")()
-    method.check_bits((2, 4, 6, 8))
-    method.check_bits((2, 16))
-    for bad, message in (((2, 3, 4), "3 is odd"), ((2, 4, 8, 32), "up to 16"), ((1, 2), "1 is odd")):
+    assert method.cfg.odd_bits == "partial_branch"
+    for good in ((2, 4, 6, 8), (2, 16), (2, 3, 4), (3, 5, 7, 15)):
+        method.check_bits(good)
+    for bad, message in (((2, 4, 8, 32), "up to 16"), ((1, 2), r"at least 2 bits \(one 2-bit branch\), got 1")):
         with pytest.raises(ConfigError, match=message) as error:
             method.check_bits(bad)
         assert "\n" not in str(error.value)
-    with pytest.raises(ConfigError, match="partial_branch.*not implemented"):
-        get_method("mbquant").from_options({"odd_bits": "partial_branch"})
+    strict = get_method("mbquant").from_options({"odd_bits": "error"})
+    strict.check_bits((2, 4))
+    with pytest.raises(ConfigError, match="3 is odd"):
+        strict.check_bits((2, 3, 4))
 
 
 def test_other_models_are_a_one_line_config_error(synthetic):
     with pytest.raises(ConfigError, match="mbquant does not support model 'deit_tiny'; it supports: "
-                                          "resnet20, preact_resnet20, resnet18$"):
+                                          "resnet20, preact_resnet20, resnet18, mobilenetv1$"):
         get_method("mbquant")().check_model("deit_tiny")
 
 

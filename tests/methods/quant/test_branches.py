@@ -10,17 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
+from methods.quant.bounded import activation_bounds_init, weight_bounds_init
+from methods.quant.branch_norm import BranchAverage, SharedBranchBatchNorm2d, channel_shuffle
+from methods.quant.branch_selection import num_branches, partial_branch
 from methods.quant.branches import (
-    BranchAverage,
     BranchConv2d,
-    SharedBranchBatchNorm2d,
-    activation_bounds_init,
     amortized_selection,
-    channel_shuffle,
     quantize_activation,
     quantize_weight_2bit,
     serial_selection,
-    weight_bounds_init,
 )
 
 
@@ -52,9 +50,32 @@ def test_amortized_windows_are_valid_and_never_load_a_branch_more_than_serial(bi
     assert members(amortized_selection((2, 4, 8))) == {2: {0}, 4: {1, 2}, 8: {0, 1, 2, 3}}
 
 
-def test_selection_refuses_odd_bits():
-    with pytest.raises(ConfigError, match="odd"):
-        amortized_selection((2, 3, 4))
+def test_odd_bit_selection_is_the_codes_table_for_2_to_8():
+    """Full branches and partial branch per bit-width (the spec's table for bits 2..8, 0-based branches)."""
+    selection = amortized_selection(range(2, 9))
+    table = {b: (set(range(start, start + count)), partial_branch(selection, b)) for b, (start, count) in
+             selection.items()}
+    assert table == {2: ({0}, None), 3: ({0}, 1), 4: ({1, 2}, None), 5: ({1, 2}, 3), 6: ({1, 2, 3}, None),
+                     7: ({0, 1, 2}, 3), 8: ({0, 1, 2, 3}, None)}
+    assert num_branches(range(2, 9)) == 4 and num_branches((2, 3)) == 2 and num_branches((2, 4, 7)) == 4
+
+
+def test_odd_bits_in_serial_selection_take_the_next_branch():
+    selection = serial_selection((2, 3, 4))
+    assert selection == {2: (0, 1), 3: (0, 1), 4: (0, 2)} and partial_branch(selection, 3) == 1
+    assert [partial_branch(serial_selection((3, 5, 7)), b) for b in (3, 5, 7)] == [1, 2, 3]
+
+
+def test_odd_bit_without_its_even_neighbour_starts_at_0_and_stays_inside():
+    selection = amortized_selection((3, 8))
+    assert selection == {3: (0, 1), 8: (0, 4)}
+    for b, (start, count) in amortized_selection((2, 4, 6, 7, 9, 10)).items():
+        assert start + count + (b % 2) <= 5, b
+
+
+def test_selection_refuses_fewer_than_2_bits():
+    with pytest.raises(ConfigError, match="at least 2 bits"):
+        amortized_selection((1, 2, 4))
 
 
 def test_weight_quantizer_levels_by_hand():

@@ -1,0 +1,101 @@
+"""Bounded quantizers with learnable bounds (MBQuant's weights and activations).
+
+Zhong, Zhou, Chao, Ji, "MBQuant: A Novel Multi-Branch Topology Method for Arbitrary Bit-width Network
+Quantization", Pattern Recognition 2025, arXiv 2305.08117, Sec. 3.2; the EWGS form (Lee et al., CVPR 2021),
+which the authors' code builds on:
+
+* weights, fixed 2 bits, bounds ``l_W, u_W`` per layer and branch:
+  ``w_n = clamp((w - l_W) / (u_W - l_W), 0, 1)``, ``q = round(3 w_n) / 3``, ``W_q = 2 q - 1``
+  (levels -1, -1/3, 1/3, 1);
+* activations at ``b`` bits, bounds ``l_A, u_A`` per branch and bit-width:
+  ``x_n = clamp((x - l_A) / (u_A - l_A), 0, 1)``, ``x_q = round((2^b - 1) x_n) / (2^b - 1)``.
+
+Rounding has a straight-through gradient; with a backward scaling factor ``delta > 0`` it is EWGS's element-wise
+gradient scaling ``g_n = g_q (1 + delta sign(g_q) (x_n - x_q))`` (``delta = 0``: plain STE, the code's default).
+
+Bounds initialization: ``u_W = 3 std(w_branch)``, ``l_W = -3 std(w_branch)``; ``u_A = 3 std(x) / sqrt(1 - 2/pi)``,
+``l_A = min(x)`` over the branch's slice of the layer input at that bit-width. ``std`` is torch's default
+(unbiased, Bessel-corrected).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+WEIGHT_BITS = 2
+# Keeps (x - l) / (u - l) finite if a bound pair collapses (e.g. a dead input whose std is 0).
+MIN_BOUND_GAP = 1e-8
+HALF_NORMAL_STD_FACTOR = math.sqrt(1.0 - 2.0 / math.pi)
+
+
+class _BoundedQuantize(torch.autograd.Function):
+    """``q = round(L clamp((x - l) / (u - l), 0, 1)) / L`` with a hand-written backward.
+
+    Autograd through the composed formula builds about a dozen full-size tensors per call; one fused backward
+    makes the quantizers a much smaller share of a CPU training step. Gradients are those of the composition:
+    STE through the rounding (EWGS-scaled if ``delta > 0``), the clamp's mask (inclusive, like ``torch.clamp``),
+    ``dn/dx = 1 / (u - l)``, ``dn/dl = (n - 1) / (u - l)``, ``dn/du = -n / (u - l)`` with ``n`` unclamped.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int,
+                delta: float) -> torch.Tensor:
+        inverse_gap = 1.0 / (upper - lower).clamp_min(MIN_BOUND_GAP)
+        normalized = (x - lower) * inverse_gap
+        ctx.save_for_backward(normalized, lower, upper, inverse_gap)
+        ctx.levels, ctx.delta = levels, delta
+        return torch.round(normalized.clamp(0.0, 1.0) * levels) / levels
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        normalized, lower, upper, inverse_gap = ctx.saved_tensors
+        grad_unit = grad_output
+        if ctx.delta:
+            unit = normalized.clamp(0.0, 1.0)
+            error = unit - torch.round(unit * ctx.levels) / ctx.levels
+            grad_unit = grad_output * (1 + ctx.delta * torch.sign(grad_output) * error)
+        inside = (normalized >= 0) & (normalized <= 1)
+        grad_normalized = torch.where(inside, grad_unit * inverse_gap, 0.0)
+        grad_x = grad_normalized if ctx.needs_input_grad[0] else None
+        grad_lower = grad_upper = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # dn/dl = (n - 1) / (u - l) and dn/du = -n / (u - l); the n-terms vanish where the gap is clamped.
+            gap = upper - lower
+            weighted = (grad_normalized * normalized).sum_to_size(gap.shape) * (gap >= MIN_BOUND_GAP)
+            grad_lower = (weighted - grad_normalized.sum_to_size(gap.shape)).sum_to_size(lower.shape)
+            grad_upper = (-weighted).sum_to_size(upper.shape)
+        return grad_x, grad_lower, grad_upper, None, None
+
+
+def bounded_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int,
+                     backward_scaling: float = 0.0) -> torch.Tensor:
+    """``round((2^bits - 1) clamp((x - l) / (u - l), 0, 1)) / (2^bits - 1)``; straight-through gradient (EWGS's
+    ``g (1 + delta sign(g) (x_n - x_q))`` if ``backward_scaling = delta > 0``). Bounds broadcast against ``x``."""
+    return _BoundedQuantize.apply(x, lower, upper, 2**bits - 1, float(backward_scaling))
+
+
+def quantize_weight_2bit(weight: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                         backward_scaling: float = 0.0) -> torch.Tensor:
+    """``2 round(3 w_n) / 3 - 1``: levels -1, -1/3, 1/3, 1 (bounds broadcast against ``weight``)."""
+    return 2 * bounded_quantize(weight, lower, upper, WEIGHT_BITS, backward_scaling) - 1
+
+
+def quantize_activation(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int,
+                        backward_scaling: float = 0.0) -> torch.Tensor:
+    """``round((2^b - 1) x_n) / (2^b - 1)`` in [0, 1] (the following BN absorbs the scale)."""
+    return bounded_quantize(x, lower, upper, bits, backward_scaling)
+
+
+def weight_bounds_init(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(-3 std(w_g), 3 std(w_g))`` of each row ``g`` of ``weight`` viewed as ``(branches, -1)``."""
+    spread = 3 * weight.detach().flatten(1).std(dim=1)
+    return -spread, spread
+
+
+def activation_bounds_init(x: torch.Tensor, branches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(min(x_g), 3 std(x_g) / sqrt(1 - 2/pi))`` of each branch's channel slice ``x_g`` of a layer input
+    ``(N, branches * C, ...)``."""
+    per_branch = x.detach().unflatten(1, (branches, -1)).transpose(0, 1).flatten(1)
+    return per_branch.min(dim=1).values, 3 * per_branch.std(dim=1) / HALF_NORMAL_STD_FACTOR
