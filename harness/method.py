@@ -116,6 +116,10 @@ class Method:
     def prepare(self, model: nn.Module, train_set: Any, ctx: RunContext) -> None:
         """Work before training (timed as the ``prepare`` phase), e.g. a scoring run."""
 
+    def before_epoch(self, model: nn.Module, epoch: int, train_set: Any, ctx: RunContext) -> None:
+        """Work before training epoch ``epoch`` (timed as the ``prepare`` phase), e.g. EMQ's re-scoring. It must
+        depend only on the model and the method's checkpointed state, so that a resumed run repeats it exactly."""
+
     def epoch_indices(self, epoch: int, train_set: Any, bits: tuple[int, ...]) -> dict[int, torch.Tensor] | None:
         """Which training samples each bit-width sees this epoch; ``None``: every sample, shared by all."""
         return None

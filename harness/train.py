@@ -198,6 +198,10 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
         if stop_after is not None and epoch - start_epoch >= stop_after:
             return CellOutcome(None, log)
         ctx.epoch = epoch
+        if type(method).before_epoch is not Method.before_epoch:  # the phase timer synchronizes: skip it if unused
+            model.train()
+            with timer.phase("prepare"), runtime.autocast():
+                method.before_epoch(model, epoch, data.train, ctx)
         per_bits = method.epoch_indices(epoch, data.train, spec.bits)
         batches = epoch_batches(data.train, schedule.batch_size, seed, epoch, augment, device, per_bits,
                                 channels_last=spec.channels_last)

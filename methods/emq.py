@@ -38,7 +38,13 @@ Choices the sources leave open (UNRESOLVED), each a config option with its defau
   ``compressed``: the run's lr curve compressed into ``score_epochs``;
 * ``tdds_window=None`` (K = score_epochs - 1: one window, so beta only scales the score) and ``tdds_beta=0.9``;
 * ``sampling="softmax"`` (Eq. 3 as softmax(s / tau) of min-max normalized scores; ``power``: s^(1/tau) / sum);
-* ``resample_every=1`` (redraw every epoch; scores are computed once);
+* ``resample_every=1`` (redraw every epoch);
+* ``selector="tdds"`` (the paper; ``random``, ``el2n``, ``entropy``, ``forgetting``, ``moderate``: the baselines of
+  its coreset comparison, :mod:`methods.quant.coreset_selectors`, each scored per bit-width by the same scoring
+  runs and drawn by the same temperature sampling; ``random`` runs no scoring);
+* ``rescore_every=None`` (score once, before training; E: re-score before every E-th epoch from the main network's
+  current state, as in the re-scoring cost comparison of Tables 20-21; each re-scoring is a full scoring phase,
+  timed as ``prepare`` and counted in the sample-passes, :mod:`methods.emq_scoring`);
 * ``bias_correction="per_layer"`` (statistics per layer; ``per_channel``; ``off``), population variances;
 * ``shared_bn=True``; ``share_binary_bn=False`` (1 bit keeps its own BN unless forced, Table 10's ablation);
   downsampling-shortcut BNs are EMQ BNs too (shared and adapted), since their input is the quantized activation;
@@ -64,7 +70,6 @@ gamma/beta counted once and running statistics per bit-width.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 from collections.abc import Iterator
@@ -74,15 +79,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from harness import distributed
 from harness.data import ImageSet
-from harness.errors import ConfigError, TrainingDiverged
-from harness.loader import derived_generator, epoch_batches, steps_per_epoch
+from harness.errors import ConfigError
+from harness.loader import derived_generator
 from harness.method import Batch, Method, RunContext
 from harness.models import CONVOLUTIONAL_MODELS
-from harness.optim import build_optimizers, set_lr
 from harness.registry import register_method
 from harness.topology import Site, declare_topology, quantize_model
 from methods.anyprecision import create_fp_model
@@ -91,10 +93,10 @@ from methods.emq_config import (
     MIN_CORESET_STEPS,
     EMQConfig,
     emq_activation,
-    scoring_lr_factor,
 )
+from methods.emq_scoring import score_training_set, scoring_run, scoring_seed
 from methods.quant.bias_correction import BiasCorrectedQuantizer
-from methods.quant.coreset import TDDSRecorder, coreset_size, draw_coreset, sampling_probabilities
+from methods.quant.coreset import coreset_size, draw_coreset, sampling_probabilities
 from methods.quant.distill import soft_cross_entropy
 from methods.quant.dorefa import FULL_PRECISION, dorefa_weight
 from methods.quant.lsq import LSQActivation
@@ -107,8 +109,6 @@ from methods.quant.vit import quantize_vit
 VIT_MODELS = ("deit_tiny",)
 # Streams of harness.loader.derived_generator; far from the loader's own (0, 1, 2, 3, ...).
 CORESET_STREAM = 1000
-# Scoring runs read their batches with seed + SCORING_SEED_STRIDE * (bits + 1): their own order and augmentation.
-SCORING_SEED_STRIDE = 7919
 
 
 
@@ -124,7 +124,8 @@ class EMQ(Method):
         super().__init__(cfg)
         self.seed = 0
         self.score_bits: tuple[int, ...] = ()
-        self.scores: torch.Tensor | None = None  # (len(score_bits), N) TDDS scores
+        self.scores: torch.Tensor | None = None  # (len(score_bits), N) coreset selector scores
+        self.scored_at: list[int] = []  # epochs before which the training set was scored (0: the prepare phase)
         self.draws: dict[int, torch.Tensor] = {}  # first epoch of a draw -> (len(score_bits), k) int32 indices
 
     # -- checks -------------------------------------------------------------------------------------------------
@@ -221,66 +222,36 @@ class EMQ(Method):
     def train_step(self, model: nn.Module, batch: Batch, ctx: RunContext) -> dict[str, float]:
         return self.train_bits(model, batch, ctx.bits, ctx)[0]
 
-    # -- scoring phase (Algorithm 2) ----------------------------------------------------------------------------
+    # -- scoring phase (Algorithm 2) and re-scoring ---------------------------------------------------------------
     @staticmethod
     def scoring_seed(seed: int, bits: int) -> int:
         """Seed of the batch stream a bit-wise scoring run reads (bit-widths never share a stream)."""
-        return seed + SCORING_SEED_STRIDE * (bits + 1)
+        return scoring_seed(seed, bits)
+
+    def scoring_run(self, initial: nn.Module, train_set: ImageSet, bits: tuple[int, ...], stream_seed: int,
+                    ctx: RunContext) -> dict[int, torch.Tensor]:
+        """Train a copy of ``initial`` on the full data at ``bits`` jointly; the selector's scores per bit-width."""
+        return scoring_run(self, initial, train_set, bits, stream_seed, ctx)
 
     def prepare(self, model: nn.Module, train_set: ImageSet, ctx: RunContext) -> None:
         self.seed = ctx.seed
         if self.cfg.prune == 0 or self.scores is not None:
             return
-        bits = tuple(sorted(ctx.bits))
-        initial = copy.deepcopy(model)  # every scoring run starts from the main run's initialization
-        if self.cfg.scoring == "bitwise":
-            rows = [self.scoring_run(initial, train_set, (b,), self.scoring_seed(ctx.seed, b), ctx)[b]
-                    for b in bits]
-        else:
-            by_bits = self.scoring_run(initial, train_set, bits, self.scoring_seed(ctx.seed, 0), ctx)
-            rows = [by_bits[b] for b in bits]
-        self.score_bits = bits
-        self.scores = torch.stack(rows).float().cpu()
-        self.draws = {}
+        self._score(model, train_set, ctx, 0)
 
-    def scoring_run(self, initial: nn.Module, train_set: ImageSet, bits: tuple[int, ...], stream_seed: int,
-                    ctx: RunContext) -> dict[int, torch.Tensor]:
-        """Train a copy of ``initial`` on the full data at ``bits`` jointly; TDDS scores per bit-width."""
-        cfg, schedule = self.cfg, ctx.schedule
-        network = copy.deepcopy(initial)
-        network.train()
-        optimizers = build_optimizers(network, self.param_groups(network), schedule)
-        augment = bool(schedule.augment) and ctx.data_info is not None and ctx.data_info.augment != "none"
-        num_samples = len(train_set)
-        steps = steps_per_epoch(num_samples, schedule.batch_size)
-        recorders = {b: TDDSRecorder() for b in bits}
-        score_epochs = cfg.scoring_epochs(schedule.epochs)
-        if cfg.tdds_window is not None and cfg.tdds_window > score_epochs - 1:
-            raise ConfigError(f"emq tdds_window must be in 2..score_epochs-1 = {score_epochs - 1}, "
-                              f"got {cfg.tdds_window}")
-        for epoch in range(score_epochs):
-            probabilities = {b: torch.zeros(num_samples, ctx.num_classes, device=ctx.device) for b in bits}
-            batches = epoch_batches(train_set, schedule.batch_size, stream_seed, epoch, augment, ctx.device)
-            label = f"emq scoring {'/'.join(map(str, bits))}-bit ep{epoch + 1}/{score_epochs}"
-            for index, batch in enumerate(tqdm(batches, total=steps, desc=label, leave=False,
-                                               disable=not ctx.show_progress, dynamic_ncols=True)):
-                set_lr(optimizers, scoring_lr_factor(schedule, cfg.score_lr, epoch, index, steps, score_epochs))
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                losses, outputs = self.train_bits(network, batch, bits, ctx)
-                if not all(math.isfinite(v) for v in losses.values()):
-                    raise TrainingDiverged(f"emq scoring run at {bits} bits diverged in scoring epoch {epoch + 1} "
-                                           f"(try a lower --lr)")
-                distributed.all_reduce_gradients(network)  # under torchrun the scoring run is data-parallel too
-                for optimizer in optimizers:
-                    optimizer.step()
-                rows = batch.indices.to(ctx.device)
-                for b in bits:
-                    probabilities[b][rows] = F.softmax(outputs[b].float(), dim=1)
-            for b in bits:
-                distributed.all_reduce_sum(probabilities[b])  # each rank filled only its shards' rows
-                recorders[b].add_epoch(probabilities[b])
-        return {b: recorders[b].scores(cfg.tdds_window, cfg.tdds_beta).cpu() for b in bits}
+    def _score(self, model: nn.Module, train_set: ImageSet, ctx: RunContext, epoch: int) -> None:
+        self.score_bits = tuple(sorted(ctx.bits))
+        self.scores = score_training_set(self, model, train_set, ctx, epoch).float().cpu()
+        self.scored_at = sorted({*self.scored_at, epoch})
+        if epoch == 0:
+            self.draws = {}
+
+    def before_epoch(self, model: nn.Module, epoch: int, train_set: ImageSet, ctx: RunContext) -> None:
+        """Re-scoring every ``rescore_every`` epochs from the main network's current state (Tables 20-21)."""
+        every = self.cfg.rescore_every
+        if self.cfg.prune == 0 or not every or epoch == 0 or epoch % every or epoch in self.scored_at:
+            return
+        self._score(model, train_set, ctx, epoch)
 
     # -- regime ---------------------------------------------------------------------------------------------------
     def regime_notes(self, schedule: Any, bits: tuple[int, ...], train_size: int) -> list[str]:
@@ -327,6 +298,8 @@ class EMQ(Method):
         if self.scores.shape[1] != len(train_set):
             raise ConfigError(f"emq scored {self.scores.shape[1]} samples, the training set has {len(train_set)}")
         start = epoch - epoch % self.cfg.resample_every
+        if self.cfg.rescore_every:  # a draw never reaches back before the scores it is drawn from
+            start = max(start, epoch - epoch % self.cfg.rescore_every)
         if start not in self.draws:
             self.draws[start] = self.draw(start).to(torch.int32)  # int32 halves the checkpoint's history
         return {b: self.draws[start][row].long() for row, b in enumerate(self.score_bits)}
@@ -357,13 +330,14 @@ class EMQ(Method):
     # -- resumable state and artifacts ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "score_bits": list(self.score_bits), "scores": self.scores,
-                "draws": dict(self.draws)}
+                "draws": dict(self.draws), "scored_at": list(self.scored_at)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = int(state.get("seed", 0))
         self.score_bits = tuple(int(b) for b in state.get("score_bits", ()))
         self.scores = state.get("scores")
         self.draws = {int(k): v for k, v in state.get("draws", {}).items()}
+        self.scored_at = [int(e) for e in state.get("scored_at", [0] if self.scores is not None else [])]
 
     def artifacts(self) -> dict[str, torch.Tensor]:
         """TDDS scores, selection probabilities and every coreset drawn so far (empty when ``prune=0``)."""
@@ -375,7 +349,9 @@ class EMQ(Method):
                    else torch.zeros(0, len(self.score_bits), size, dtype=torch.int32))
         return {
             "score_bits": torch.tensor(self.score_bits),
-            "tdds_scores": self.scores,
+            "coreset_scores": self.scores,
+            **({"tdds_scores": self.scores} if self.cfg.selector == "tdds" else {}),
+            "scored_at": torch.tensor(self.scored_at, dtype=torch.long),
             "sampling_probabilities": self.probabilities().float(),
             "coreset_epochs": torch.tensor(epochs, dtype=torch.long),
             "coreset_indices": indices,

@@ -10,6 +10,7 @@ import torch
 
 from harness.config import MethodConfig, check_positive
 from harness.errors import ConfigError
+from methods.quant.coreset_selectors import get_selector
 from methods.quant.dorefa import FULL_PRECISION, dorefa_activation
 
 MIN_SCORE_EPOCHS = 3
@@ -33,6 +34,8 @@ class EMQConfig(MethodConfig):
     tdds_beta: float = 0.9
     sampling: Literal["softmax", "power"] = "softmax"
     resample_every: int = 1
+    selector: str = "tdds"
+    rescore_every: int | None = None
     bias_correction: Literal["per_layer", "per_channel", "off"] = "per_layer"
     shared_bn: bool = True
     share_binary_bn: bool = False
@@ -63,6 +66,9 @@ class EMQConfig(MethodConfig):
                               f"got {self.tdds_window}")
         if not 0 < self.tdds_beta <= 1:
             raise ConfigError(f"emq tdds_beta must be in (0, 1], got {self.tdds_beta!r}")
+        get_selector(self.selector)  # a one-line ConfigError naming the known selectors
+        if self.rescore_every is not None and self.rescore_every < 1:
+            raise ConfigError(f"emq rescore_every must be a positive integer, got {self.rescore_every}")
         if self.resample_every < 1:
             raise ConfigError(f"emq resample_every must be a positive integer, got {self.resample_every}")
         if self.bn_adapt_batches < 0:

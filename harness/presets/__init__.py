@@ -67,7 +67,7 @@ class Preset:
 
 
 def shortened(schedule: Schedule, epochs: int | None) -> Schedule:
-    """The same schedule over ``epochs`` epochs: step milestones and warm-up scale proportionally."""
+    """The same schedule over ``epochs`` epochs: step milestones, warm-up and a cost budget scale proportionally."""
     if epochs is None or epochs == schedule.epochs:
         return schedule
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -78,7 +78,9 @@ def shortened(schedule: Schedule, epochs: int | None) -> Schedule:
     if lr_schedule == "step" and not milestones:
         lr_schedule = "constant"
     warmup = min(int(math.floor(schedule.warmup_epochs * scale)), epochs - 1)
-    return replace(schedule, epochs=epochs, milestones=milestones, lr_schedule=lr_schedule, warmup_epochs=warmup)
+    budget = schedule.budget * scale if schedule.budget is not None else None
+    return replace(schedule, epochs=epochs, milestones=milestones, lr_schedule=lr_schedule, warmup_epochs=warmup,
+                   budget=budget)
 
 
 def load_published(path: Path) -> pd.DataFrame:

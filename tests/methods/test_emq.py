@@ -19,7 +19,8 @@ from harness.method import Batch, RunContext
 from harness.registry import get_method
 from harness.store import RunStore
 from harness.train import instantiate, run_cell
-from methods.emq import EMQ, EMQConfig, scoring_lr_factor
+from methods.emq import EMQ, EMQConfig
+from methods.emq_config import scoring_lr_factor
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.lsq import LSQActivation
 from methods.quant.modules import QuantConv2d
