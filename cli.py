@@ -312,6 +312,8 @@ def report(run_dirs, baseline, allow_mixed, out) -> None:
 
     records, order = [], []
     for run_dir in run_dirs:
+        if not run_dir.exists():
+            raise MbqError(f"{run_dir} does not exist")
         if not (run_dir / "cells").is_dir():
             raise MbqError(f"{run_dir} is not a run folder (no cells/ inside)")
         store = RunStore(run_dir)

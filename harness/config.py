@@ -67,6 +67,11 @@ def validate_bits(bits: typing.Iterable[int]) -> tuple[int, ...]:
     return tuple(sorted(bits))
 
 
+def flag(field: str) -> str:
+    """The command-line flag of a config field (``batch_size`` -> ``--batch-size``)."""
+    return "--" + field.replace("_", "-")
+
+
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok:
@@ -124,24 +129,27 @@ class Schedule(JsonConfig):
     budget: float | None = None
 
     def __post_init__(self) -> None:
+        # Messages name the command-line flags: that is where a user set (or can set) each field.
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ConfigError(f"epochs must be a positive integer, got {self.epochs!r}")
+            raise ConfigError(f"--epochs must be a positive integer, got {self.epochs!r}")
         for name in ("batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{flag(name)} must be a positive integer, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
-        check_positive("lr", self.lr)
-        check_positive("momentum", self.momentum, allow_zero=True)
-        check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        check_positive("gamma", self.gamma)
+            raise ConfigError(f"unknown --lr-schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        check_positive("--lr", self.lr)
+        check_positive("--momentum", self.momentum, allow_zero=True)
+        if self.momentum >= 1:  # a momentum of 1 or more never forgets a gradient: the steps grow without bound
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum!r}")
+        check_positive("--weight-decay", self.weight_decay, allow_zero=True)
+        check_positive("--gamma", self.gamma)
         if not isinstance(self.warmup_epochs, int) or not 0 <= self.warmup_epochs < self.epochs:
-            raise ConfigError(f"warmup_epochs must be in 0..epochs-1, got {self.warmup_epochs!r}")
+            raise ConfigError(f"--warmup-epochs must be in 0..epochs-1, got {self.warmup_epochs!r}")
         if any(not isinstance(m, int) or not 0 < m < self.epochs for m in self.milestones):
-            raise ConfigError(f"milestones must be epochs in 1..{self.epochs - 1}, got {self.milestones!r}")
+            raise ConfigError(f"--milestones must be epochs in 1..{self.epochs - 1}, got {self.milestones!r}")
         if self.lr_schedule == "step" and not self.milestones:
             raise ConfigError("the step lr schedule needs milestones (e.g. --milestones 100,150)")
         if (self.budget_kind is None) != (self.budget is None):
@@ -258,11 +266,11 @@ class RunSpec(JsonConfig):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or any(
                 isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ConfigError(f"seeds must be distinct non-negative integers, got {self.seeds!r}")
-        check_positive("width", self.width)
+        check_positive("--width", self.width)
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{flag(name)} must be a positive integer, got {value!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if self.amp not in AMP_MODES:

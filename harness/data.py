@@ -783,8 +783,11 @@ def _validate_subset(size: int | None, what: str) -> None:
         raise ConfigError(f"{what} must be a positive integer, got {size!r}")
 
 
-def _subset(split: ImageSet, size: int | None, seed: int) -> ImageSet:
-    if size is None or size >= len(split):
+def _subset(split: ImageSet, size: int | None, seed: int, what: str, dataset: str) -> ImageSet:
+    if size is not None and size > len(split):
+        split_name = "training" if what == "--train-subset" else "test"
+        raise ConfigError(f"{what} {size} is larger than the {dataset} {split_name} split ({len(split)} samples)")
+    if size is None or size == len(split):
         return split
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(split), generator=generator)[:size].sort().values
@@ -802,10 +805,10 @@ def load_dataset(
     """Load a data set from local files; optional random subsets (deterministic given ``seed``, sorted indices)."""
     _validate_name(name)
     # Validate subset sizes before any (possibly slow) reading.
-    _validate_subset(train_subset, "train_subset")
-    _validate_subset(test_subset, "test_subset")
+    _validate_subset(train_subset, "--train-subset")
+    _validate_subset(test_subset, "--test-subset")
     root = None if name in ("digits", "synthetic") else _resolve_root(name, data_root)
     train, test, info = _LOADERS[name](root)
-    train = _subset(train, train_subset, seed)
-    test = _subset(test, test_subset, seed + _TEST_SUBSET_SEED_OFFSET)
+    train = _subset(train, train_subset, seed, "--train-subset", name)
+    test = _subset(test, test_subset, seed + _TEST_SUBSET_SEED_OFFSET, "--test-subset", name)
     return DataBundle(info=info, train=train, test=test)

@@ -89,9 +89,8 @@ class LocalExecutor(Executor):
         store = RunStore(out)
         records = {}
         for method_spec, seed in cells:
-            echo(f"{method_spec} seed {seed}: training")
             outcome = run_cell(spec, method_spec, seed, data, store, show_progress=show_progress,
-                               on_epoch=lambda log, cell=(method_spec, seed): on_log(cell, list(log)))
+                               on_epoch=lambda log, cell=(method_spec, seed): on_log(cell, list(log)), echo=echo)
             records[(method_spec, seed)] = outcome.record
         return records
 

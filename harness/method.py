@@ -75,7 +75,16 @@ class Method:
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> Method:
-        return cls(cls.Config.from_options(dict(options)))
+        """The method configured from ``KEY=VALUE`` strings; a config that rejects them (any ``ValueError``,
+        ``TypeError`` or ``AssertionError`` of a plugin's ``__post_init__``) is one ConfigError naming the method."""
+        try:
+            cfg = cls.Config.from_options(dict(options))
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, AssertionError) as exc:
+            raise ConfigError(f"method {cls.name!r} ({cls.__module__}) rejected its options: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        return cls(cfg)
 
     def check_model(self, model_name: str) -> None:
         """Raise :class:`ConfigError` if this method cannot build ``model_name``."""

@@ -139,10 +139,10 @@ def comparison_table(records: Sequence[dict[str, Any]], method_order: Sequence[s
         for b in all_bits:
             row[f"{b}-bit top-1 %"] = _fmt(part[part["bits"] == b]["top1"]) + (" ~" if (method, b) in noisy else "")
         firsts = part.drop_duplicates("seed")
-        row["storage MB per bit"] = " / ".join(
+        row["MB at this bit-width"] = " / ".join(
             f"{part[part['bits'] == b]['storage_mb'].mean():.3f}" if (part["bits"] == b).any() else "-"
             for b in all_bits)
-        row["total MB"] = f"{firsts['storage_total_mb'].mean():.3f}"
+        row["MB for all bit-widths"] = f"{firsts['storage_total_mb'].mean():.3f}"
         row["device-hours"] = _fmt(firsts["device_hours"], 4)
         row["prepare/train/finalize/eval h"] = " / ".join(
             f"{firsts[f'hours_{p}'].mean():.4f}" for p in ("prepare", "train", "finalize", "eval"))
@@ -182,12 +182,16 @@ def caption(records: Sequence[dict[str, Any]]) -> str:
                      f"schedule, seeds and batches{' and budget' if budget else ''} and evaluated at 32 bits; its "
                      f"32-bit top-1 and storage fill every bit-width's column (the gap to full precision), and it "
                      f"takes no part in the '~' marks or in 'passes vs fewest'.")
-    return (f"{first['dataset']} / {first['model']}{subset}; {sched['epochs']} epochs, {sched['optimizer']} "
+    length = (f"lr curve shaped over {sched['epochs']} nominal epochs (each method's epochs: 'epochs run')"
+              if sched.get("budget") is not None else f"{sched['epochs']} epochs")
+    few_seeds = (" With 2 seeds the bootstrap interval is the range of the two values, not a 95% interval: use 3 "
+                 "or more seeds for intervals." if len(seeds) == 2 else "")
+    return (f"{first['dataset']} / {first['model']}{subset}; {length}, {sched['optimizer']} "
             f"lr {sched['lr']} {sched['lr_schedule']}, batch {sched['batch_size']}{amp}; seeds {seeds}; "
             f"device {devices}.{budget} Top-1 on the test split; storage counted analytically. "
             f"With several seeds: mean ± std; '~' marks a cell whose 95% bootstrap interval overlaps the best "
             f"method's at that bit-width (a difference within the noise). 'passes vs fewest' normalizes the "
-            f"training work (forward+backward sample-passes) by the cheapest method's.{reference}")
+            f"training work (forward+backward sample-passes) by the cheapest method's.{few_seeds}{reference}")
 
 
 def regime_lines(records: Sequence[dict[str, Any]]) -> str:
@@ -198,6 +202,39 @@ def regime_lines(records: Sequence[dict[str, Any]]) -> str:
             if note not in notes.setdefault(record["method"], []):
                 notes[record["method"]].append(note)
     return "".join(f"\nOutside its regime: {method}: {'; '.join(lines)}.\n" for method, lines in notes.items())
+
+
+PLOT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+PLOT_OFFSET = 0.06  # x offset between methods, in bit-width slots
+MIN_ACCURACY_SPAN = 10.0  # percentage points: an axis never zooms closer, so seed noise does not look like a trend
+
+
+def accuracy_range(values: Sequence[float]) -> tuple[float, float]:
+    """Y limits covering ``values`` with a margin, spanning at least ``MIN_ACCURACY_SPAN`` points, within 0..100."""
+    low, high = min(values), max(values)
+    margin = max(1.0, 0.1 * (high - low))
+    low, high = low - margin, high + margin
+    if high - low < MIN_ACCURACY_SPAN:
+        middle = (high + low) / 2
+        low, high = middle - MIN_ACCURACY_SPAN / 2, middle + MIN_ACCURACY_SPAN / 2
+    if high > 100.0:
+        low, high = max(0.0, low - (high - 100.0)), 100.0
+    if low < 0.0:
+        low, high = 0.0, min(100.0, high - low)
+    return low, high
+
+
+def latex_escape(text: str) -> str:
+    """Text for a LaTeX caption: the special characters escaped."""
+    specials = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return "".join(specials.get(char, char) for char in text)
+
+
+def latex_table(table: pd.DataFrame, text: str) -> str:
+    """Booktabs rules, the method column left-aligned and every number right-aligned, the caption below."""
+    return table.to_latex(index=False, escape=True, column_format="l" + "r" * (len(table.columns) - 1),
+                          caption=latex_escape(" ".join(text.split())), label="tab:mbqbench")
 
 
 def accuracy_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
@@ -211,11 +248,21 @@ def accuracy_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
     frame = summary_frame(records)
     reference = frame["method"] == REFERENCE_METHOD
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, part in frame[~reference].groupby("method", sort=False):
-        means = part.groupby("bits")["top1"].mean()
-        ax.plot([str(b) for b in means.index], means.values, marker="o", label=method)
+    all_bits = sorted(frame[~reference]["bits"].unique()) or sorted(frame["bits"].unique())
+    position = {b: i for i, b in enumerate(all_bits)}
+    groups = list(frame[~reference].groupby("method", sort=False))
+    for index, (method, part) in enumerate(groups):
+        by_bits = part.groupby("bits")["top1"]
+        means, spread = by_bits.mean(), by_bits.std().fillna(0.0)
+        # a small horizontal offset per method keeps coinciding lines and error bars visible
+        offset = (index - (len(groups) - 1) / 2) * PLOT_OFFSET
+        ax.errorbar([position[b] + offset for b in means.index], means.values, yerr=spread.values, capsize=3,
+                    marker=PLOT_MARKERS[index % len(PLOT_MARKERS)], label=method)
+    values = list(frame["top1"])
     if reference.any():
         ax.axhline(frame[reference]["top1"].mean(), color="0.3", linestyle="--", label=REFERENCE_LABEL)
+    ax.set_ylim(*accuracy_range(values))
+    ax.set_xticks(range(len(all_bits)), [str(b) for b in all_bits])
     ax.set_xlabel("bit-width")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{records[0]['dataset']} / {records[0]['model']}")
@@ -240,19 +287,24 @@ def pareto_plot_png(records: Sequence[dict[str, Any]]) -> bytes:
     reference = frame["method"] == REFERENCE_METHOD
     methods = frame[~reference] if (~reference).any() else frame
     all_bits = sorted(methods["bits"].unique())
-    fig, axes = plt.subplots(1, len(all_bits), figsize=(3.2 * len(all_bits), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(all_bits), figsize=(3.2 * len(all_bits), 3.2), squeeze=False, sharey=True)
+    device = records[0].get("device", "device")
     for ax, bits in zip(axes[0], all_bits):
-        part = methods[methods["bits"] == bits].groupby("method", sort=False)[["device_hours", "top1"]].mean()
-        for method, row in part.iterrows():
-            ax.scatter(row["device_hours"], row["top1"], label=method)
+        grouped = methods[methods["bits"] == bits].groupby("method", sort=False)[["device_hours", "top1"]]
+        spread = grouped.std().fillna(0.0)
+        for index, (method, row) in enumerate(grouped.mean().iterrows()):
+            ax.errorbar(row["device_hours"], row["top1"], xerr=spread.loc[method, "device_hours"],
+                        yerr=spread.loc[method, "top1"], fmt=PLOT_MARKERS[index % len(PLOT_MARKERS)], capsize=3,
+                        label=method)
         if reference.any() and methods is not frame:  # the reference's accuracy and cost in every panel
             ax.axhline(frame[reference]["top1"].mean(), color="0.3", linestyle="--", linewidth=1)
             ax.scatter(frame[reference]["device_hours"].mean(), frame[reference]["top1"].mean(), marker="*",
                        color="0.3", label=REFERENCE_LABEL)
         ax.set_title(f"{bits}-bit")
-        ax.set_xlabel("device-hours")
+        ax.set_xlabel(f"device-hours ({device})")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 accuracy (%)")
+    axes[0][0].set_ylim(*accuracy_range(list(frame["top1"])))
     axes[0][-1].legend(fontsize="small")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -271,7 +323,7 @@ def write_reports(root: Path, records: Sequence[dict[str, Any]], method_order: S
     table = comparison_table(records, method_order, baseline)
     markdown = to_markdown(table) + "\n" + caption(records) + "\n" + regime_lines(records)
     atomic_write_text(root / "table.md", markdown)
-    atomic_write_text(root / "table.tex", table.to_latex(index=False, escape=True))
+    atomic_write_text(root / "table.tex", latex_table(table, caption(records)))
     atomic_write_text(root / "stats.csv", stats_frame(records).to_csv(index=False))
     atomic_write_bytes(root / "accuracy.png", accuracy_plot_png(records))
     atomic_write_bytes(root / "pareto.png", pareto_plot_png(records))

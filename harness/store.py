@@ -7,7 +7,11 @@ Layout of ``--out DIR``::
     cells/<method-slug>__seed<k>/record.json     (written once the cell is finished)
 
 Every file is written to a temporary file in the same folder and renamed over the target, so a reader (or a
-killed process) never sees half a file.
+killed process) never sees half a file; files get the permissions of the user's umask (as ``open`` would give),
+so collaborators on a shared cluster can read a run folder.
+
+Checkpoints and artifacts hold tensors and plain data only (dicts, lists, numbers, strings) and are loaded with
+``torch.load(weights_only=True)``: a checkpoint from someone else cannot run code, and one that tries is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import platform
 import re
 import subprocess
@@ -30,6 +35,13 @@ from harness import distributed
 from harness.errors import MbqError
 
 
+def _umask_mode() -> int:
+    """``0o666`` less the process's umask: the mode ``open(path, "w")`` would create a file with."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and a rename; under torchrun only rank 0 writes."""
     if not distributed.is_writer():
@@ -42,6 +54,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600 files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -113,6 +126,21 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
+def load_tensor_file(path: Path, what: str, remedy: str) -> Any:
+    """A file of tensors and plain data, loaded without running any pickled code (``weights_only=True``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch reports a pickled global (the way a pickle runs code) as "Unsupported global"; anything else is
+        # a file that is not a checkpoint at all
+        if "unsupported global" not in str(exc).lower():
+            raise MbqError(f"{what} {path} is corrupt (UnpicklingError); {remedy}") from exc
+        raise MbqError(f"{what} {path} holds Python objects besides tensors and plain data and was refused "
+                       f"(loading it could run code); {remedy}") from exc
+    except Exception as exc:  # noqa: BLE001 - any other failure to read it means the same thing to the user
+        raise MbqError(f"{what} {path} is corrupt ({type(exc).__name__}); {remedy}") from exc
+
+
 class RunStore:
     """The output folder of one comparison."""
 
@@ -144,10 +172,7 @@ class RunStore:
         path = self.checkpoint_path(method_label, seed)
         if not path.exists():
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-            raise MbqError(f"checkpoint {path} is corrupt ({type(exc).__name__}); delete it to restart") from exc
+        return load_tensor_file(path, "checkpoint", "delete it to restart")
 
     def save_checkpoint(self, method_label: str, seed: int, state: dict[str, Any]) -> None:
         atomic_torch_save(self.checkpoint_path(method_label, seed), state)

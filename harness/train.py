@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,6 +88,21 @@ def _checkpoint(model, optimizers, method, epoch, ctx, passes: Counter, timer, l
     }
 
 
+# An epoch's mean loss this many times the chance-level cross-entropy (per loss term) means the run has blown up.
+DIVERGENCE_FACTOR = 100.0
+
+
+def check_not_diverging(mean_loss: float, terms: int, num_classes: int, method_spec: str, seed: int,
+                        epoch: int) -> None:
+    """Stop a run whose finite loss has grown far past chance level (``ln C`` per loss term): it would otherwise
+    finish with a table of chance accuracies and no word."""
+    chance = math.log(num_classes) * max(1, terms)
+    if mean_loss > DIVERGENCE_FACTOR * chance:
+        raise TrainingDiverged(f"{method_spec} (seed {seed}) diverged: mean loss {mean_loss:.3g} in epoch {epoch}, "
+                               f"over {DIVERGENCE_FACTOR:g}x the chance-level {chance:.3g}; the last completed epoch's "
+                               f"checkpoint is kept (try a lower --lr)")
+
+
 def _budget_spent(schedule, ctx: RunContext, timer: PhaseTimer, device: torch.device) -> float:
     """The cost spent so far in the budget's unit, summed over ranks (so every rank takes the same decision)."""
     if schedule.budget_kind == "device-hours":
@@ -98,11 +114,13 @@ def _budget_spent(schedule, ctx: RunContext, timer: PhaseTimer, device: torch.de
 
 def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store: RunStore | None = None, *,
              show_progress: bool = False, stop_after: int | None = None,
-             on_epoch: Callable[[list[dict[str, Any]]], None] | None = None) -> CellOutcome:
+             on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+             echo: Callable[[str], None] | None = None) -> CellOutcome:
     """Train, finalize and evaluate one method under ``spec.schedule`` with ``seed``.
 
     ``stop_after``: return after that many epochs of this call without finishing (used to test resume).
     ``on_epoch``: called with this cell's log rows after every epoch (the caller rewrites log.csv).
+    ``echo``: receives one status line when the cell starts ("training" or "resuming at epoch k").
 
     Under a cost budget (``schedule.budget_kind``), training runs until the budget is spent, the ``prepare`` phase
     (e.g. EMQ's scoring) included. The lr curve is indexed by the fraction spent of what the training phase has
@@ -111,12 +129,12 @@ def run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store
     """
     with contextlib.ExitStack() as scope:
         return _run_cell(spec, method_spec, seed, data, store, scope, show_progress=show_progress,
-                         stop_after=stop_after, on_epoch=on_epoch)
+                         stop_after=stop_after, on_epoch=on_epoch, echo=echo or (lambda _: None))
 
 
 def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, store: RunStore | None,
               scope: contextlib.ExitStack, *, show_progress: bool, stop_after: int | None,
-              on_epoch: Callable[[list[dict[str, Any]]], None] | None) -> CellOutcome:
+              on_epoch: Callable[[list[dict[str, Any]]], None] | None, echo: Callable[[str], None]) -> CellOutcome:
     """``run_cell``'s body; ``scope`` holds settings that last for the cell (oneDNN off for narrow networks)."""
     method = instantiate(method_spec)
     spec = cell_spec(spec, method)
@@ -130,7 +148,8 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
     runtime = Runtime(device, spec.amp, spec.channels_last, spec.compile)
     data = place_data(data, device, spec.data_placement)
     world = distributed.world_size()
-    show_progress = show_progress and distributed.is_writer()
+    # progress bars only where someone watches: a log file or a pipe would fill with thousands of bar lines
+    show_progress = show_progress and distributed.is_writer() and sys.stderr.isatty()
     torch.manual_seed(seed)
     model = runtime.prepare_model(method.build(spec.model, data.info.num_classes, spec.bits, data.info, spec.width))
     onednn_off = needs_onednn_off(model, device)
@@ -159,6 +178,10 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
         budget_spent = state.get("budget_spent", False)
         train_budget_start = state.get("train_budget_start")
         torch.set_rng_state(state["rng"])
+    if state is None or not prepared:
+        echo(f"{method_spec} seed {seed}: training")
+    else:
+        echo(f"{method_spec} seed {seed}: resuming at epoch {start_epoch + 1}")
 
     def save(epoch: int, passes: Counter) -> None:
         distributed.average_buffers(model)
@@ -191,6 +214,10 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
     steps = steps_per_epoch(len(data.train), schedule.batch_size)
     augment = schedule.augment and data.info.augment != "none"
     epoch = start_epoch
+    # One bar for the whole cell: its total is re-estimated every epoch (coreset epochs are shorter); under a
+    # budget it counts steps without a total.
+    cell_bar = scope.enter_context(tqdm(total=None, desc=f"{method_spec} s{seed}", leave=False,
+                                        disable=not show_progress, dynamic_ncols=True))
     while (epoch < schedule.epochs) if budget is None else not budget_spent:
         if budget is not None and epoch >= schedule.max_budget_epochs:
             raise ConfigError(f"{method_spec}: the budget {schedule.budget_kind}={budget:g} was not spent after "
@@ -210,11 +237,12 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
         model.train()
         total_loss, count, lr = 0.0, 0, 0.0
         before = timer.seconds["train"]
-        label = f"ep{epoch + 1}" if budget is None else f"ep{epoch + 1} (budget)"
+        if budget is None:
+            cell_bar.total = cell_bar.n + epoch_steps * (schedule.epochs - epoch)
+        cell_bar.set_postfix_str(f"epoch {epoch + 1}/{schedule.epochs}" + (" (budget)" if budget else ""))
         with timer.phase("train"):
-            progress = tqdm(batches, total=epoch_steps, desc=f"{method_spec} s{seed} {label}/{schedule.epochs}",
-                            leave=False, disable=not show_progress, dynamic_ncols=True)
-            for index, batch in enumerate(progress):
+            for index, batch in enumerate(batches):
+                cell_bar.update(1)
                 ctx.step += 1
                 if budget is None:
                     factor = schedule.lr_factor(epoch, index, epoch_steps)
@@ -243,6 +271,8 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
                         budget_spent = True
                         break
         epoch += 1
+        if count:
+            check_not_diverging(total_loss / count, len(losses), data.info.num_classes, method_spec, seed, epoch)
         passes = distributed.sum_counter(ctx.passes, device)  # one collective per epoch, for the log and checkpoint
         log.append({"method": method_spec, "seed": seed, "epoch": epoch, "loss": total_loss / max(count, 1),
                     "lr": lr, "seconds": timer.seconds["train"] - before, "sample_passes": sum(passes.values())})

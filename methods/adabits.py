@@ -1,5 +1,6 @@
 """AdaBits (Jin, Yang, Liao, "AdaBits: Neural Network Quantization with Adaptive Bit-Widths", CVPR 2020,
 arXiv 1912.09666) as an mbqbench method, following the paper and the authors' public code (re-implemented).
+Documentation: ``docs/methods/adabits.md``.
 
 Quantizers (weights and activations share the bit-width b):
 
@@ -42,7 +43,7 @@ every other parameter (the paper); ``alpha_lr`` gives them their own base lr, wh
 On short schedules this matters: an alpha's gradient is small next to its size (about 1e-2 against 8), so at lr
 0.05 the clipping levels barely leave their initial values in a few hundred steps.
 
-Bit-widths: 1..8 (the nested codes are counted against the one 8-bit copy; the spec's recipes train 3..8) and
+Bit-widths: 1..8 (the nested codes are counted against the one 8-bit copy; the paper's recipes train 3..8) and
 32, which runs the code's full-precision path (normalized ``w~`` weights, unquantized activations, own BN); 9..31
 are refused. A bit-width the model was not built for is an error (the authors' code silently falls back to the first
 entry).
@@ -68,12 +69,13 @@ falls instead of staying high.
 Storage: weights at their bit-width (one copy at the highest for the whole set), per-bit BN (4 values per
 channel) and per-bit alphas (32 bits each), the classifier bias at 32 bits.
 
-UNRESOLVED choices (the spec and the code differ or are silent), each a config option with the spec's default:
+UNRESOLVED choices (the paper and the code differ or are silent), each a config option (default first):
 
-* ``head_weight_bits``: the spec says ``max(b, 8)``; the authors' CIFAR ResNet uses the highest bit-width of
+* ``head_weight_bits``: ``max(b, 8)`` (``"max8"``); the authors' CIFAR ResNet uses the highest bit-width of
   the set (``"highest"``), their ImageNet MobileNets ``max(b, 8)``.
-* ``stem_weight_bits``: the spec's CIFAR rule (``"highest"``); ``"max8"`` for the ImageNet rule.
-* ``decay_norm_and_bias``: the spec names the exclusions for ImageNet only; the code applies them for CIFAR too.
+* ``stem_weight_bits``: the CIFAR rule (``"highest"``); ``"max8"`` for the ImageNet rule.
+* ``decay_norm_and_bias=False`` (no weight decay on BN parameters and biases): the ImageNet recipe names these
+  exclusions, and the authors' code applies them for CIFAR too.
 * Where PACT sits: on each quantized layer's input, as in the code (see the mapping above), not in place of the
   network's ReLU modules.
 * The classifier keeps the harness's initialization (same initial weights for every method) instead of the
@@ -110,7 +112,7 @@ RAW_IMAGE_SCALE = 255.0
 
 @dataclass(frozen=True)
 class AdaBitsConfig(MethodConfig):
-    """AdaBits options; defaults follow the spec (its CIFAR-10 configuration where it names one; module docstring)."""
+    """AdaBits options and their defaults (each explained in the module docstring and ``docs/methods/adabits.md``)."""
 
     width: float | None = None
     raw_input: bool = False

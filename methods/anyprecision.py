@@ -1,5 +1,7 @@
 """Any-Precision DNNs (Yu et al., AAAI 2021, arXiv 1911.07346) as an mbqbench method.
 
+Documentation: ``docs/methods/anyprecision.md``.
+
 * Quantizers: DoReFa weights and activations at the same bit-width (:mod:`methods.quant.dorefa`); every
   bit-width re-quantizes the latent full-precision weights; 32 bits uses tanh-normalized weights and ReLU.
 * Per-bit-width parameters: only switchable BN (one BN per bit-width, Sec. 3.2).
@@ -16,7 +18,7 @@
 
 Choices where the sources leave room (each a config option): ``full_precision_act`` ("relu", the code; "clamp",
 the paper); ``total_storage`` ("latent": the switchable set stores the 32-bit latent weights, because DoReFa's
-grids do not nest; "highest": count one copy at the highest trained bit-width, as the spec's storage line allows);
+grids do not nest; "highest": count one weight copy at the highest trained bit-width instead);
 ``fp_shortcut`` (above). Measured before the topology was shared (digits, post-activation ResNet-20, bits 2/32,
 15 epochs): the full-precision shortcut with a shared BN cost 20 points at 2 bits (61.7 vs 81.9 %) because the
 shared shortcut BN sees quantized and full-precision activations.

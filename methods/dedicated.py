@@ -1,5 +1,7 @@
 """Dedicated models: the reference row of both papers -- one independent network per bit-width.
 
+Documentation: ``docs/methods/dedicated.md``.
+
 Each bit-width gets its own copy of the network, quantized with the same DoReFa quantizers as Any-Precision
 (:mod:`methods.quant.dorefa`) and trained with cross-entropy under the same schedule. All copies start from the
 same full-precision initialization, see the same batches and follow the harness's quantized topology (options as

@@ -1,7 +1,7 @@
 """EMQ as an mbqbench method.
 
 Kim, An, Jeon, Ko, "Efficient Multi-bit Quantization Network Training via Weight Bias Correction and Bit-wise
-Coreset Sampling", NeurIPS 2025, arXiv 2510.20673.
+Coreset Sampling", NeurIPS 2025, arXiv 2510.20673. Documentation: ``docs/methods/emq.md``.
 
 * Quantizers. CNNs: DoReFa weights and activations as Any-Precision (:mod:`methods.quant.dorefa`), every
   bit-width re-quantizing the latent weights. ViTs (``deit_tiny``): StatsQ weights (:mod:`methods.quant.statsq`)
@@ -28,9 +28,9 @@ Choices the sources leave open (UNRESOLVED), each a config option with its defau
 * ``prune=0.8`` (pruning rate r; the paper's headline setting), ``tau=0.5`` (Table 12's best);
 * ``score_epochs=None``: ``score_fraction=0.05`` of the schedule's epochs, at least 3 (the paper scores 10-20
   epochs against 200 of training; a fixed 10 would make scoring cost more than the coreset saves on any short
-  schedule); an integer fixes it (at least 3, since a TDDS window needs two output changes). The paper presets
-  set 10. A schedule where scoring exceeds a quarter of the coreset training passes, or with fewer than 8
-  coreset steps per epoch, gets a line under the table (:meth:`EMQ.regime_notes`);
+  schedule); an integer fixes it (at least 3, since a TDDS window needs two output changes). The 200-epoch paper
+  presets get 10 from this default. A schedule where scoring exceeds a quarter of the coreset training passes,
+  or with fewer than 8 coreset steps per epoch, gets a line under the table (:meth:`EMQ.regime_notes`);
   ``scoring="bitwise"`` (Algorithm 2; ``batchwise``: one joint multi-bit run recording per-bit outputs, the
   Table 7 ablation);
 * ``score_lr="constant"``: the scoring runs use the schedule's base lr, constant (their few epochs should show the

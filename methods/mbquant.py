@@ -39,7 +39,7 @@ per-bit-width BN before the branch mean, by analogy), ``resnet18`` and ``mobilen
 branch network follows the harness topology (:mod:`harness.topology`): its layers carry the sites' names and
 are checked against the full-precision model's shapes at build time. Documentation: ``docs/methods/mbquant.md``.
 
-UNRESOLVED details (spec default, each a config option):
+UNRESOLVED details (defaults, each a config option):
 
 * ``bounds_by="branch"``: weight bounds belong to a branch (the paper); "position" indexes them by position in
   the active window, as the authors' code does (position p starts from branch p's init).
@@ -58,7 +58,7 @@ UNRESOLVED details (spec default, each a config option):
 * ``selection="amortized"``; "serial" always starts at branch 0 (Fig. 3 ablation).
 * ``std`` in the initialization is the unbiased (Bessel-corrected) one, torch's default.
 * Before ``prepare`` runs, activation bounds are ``[0, 3]``; weight bounds already follow the formula.
-* resnet18 (no option): the stem follows ``harness.models`` (the spec's 7x7 stride 2 + max-pool at ImageNet size,
+* resnet18 (no option): the stem follows ``harness.models`` (the usual 7x7 stride 2 + max-pool at ImageNet size,
   3x3 stride 1 below 128 pixels), and the run's width scales it (``64w`` per branch), which the harness's
   full-precision resnet18 does not allow.
 """

@@ -53,7 +53,7 @@ class MultiBranchBlock(nn.Module):
     """ResNet basic block of branch convs: conv-BN-ReLU-conv-BN plus shortcut, then ReLU, per branch.
 
     ``shuffle``: in a block with a projection shortcut, the residual output's full branches are channel-shuffled
-    over the active branches before the add (the spec's ResNet-18), which mixes branches. ``partial_in`` /
+    over the active branches before the add (the authors' ResNet-18), which mixes branches. ``partial_in`` /
     ``partial`` / ``partial_out``: the partial branch's channels at the block input, after ``conv1``, at the output.
     """
 

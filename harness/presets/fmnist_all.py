@@ -15,7 +15,7 @@ PRESET = Preset(
     speedup_baseline="emq:prune=0",
     notes=(
         "Bits 2/4/8: the paper methods' common set.",
-        "Schedule: the full-precision reference of design.md (SGD nesterov, one-cycle lr 0.1, flip + pad-crop); "
+        "Schedule: the project's full-precision reference schedule (SGD nesterov, one-cycle lr 0.1, flip + pad-crop); "
         "full-precision ResNet-20 reaches 92.1% after 6 epochs on it.",
         "EMQ scores for 3 epochs (the minimum for a TDDS window; 15% of training, against 5% in the paper).",
         "On 2 CPU cores use --train-subset and --epochs; the full preset is meant for a GPU.",

@@ -5,7 +5,7 @@ For a quantized weight ``w_q`` of the full-precision reference ``w`` (the weight
     w'_q = sqrt(V[w] / V[w_q]) * (w_q + (E[w] - E[w_q]))
 
 with E the mean and V the variance: ``w'_q`` has the variance of ``w`` at every bit-width, so one batch norm can
-follow all of them. Applied literally (as the spec asks), the scale multiplies the shifted weight, so the mean
+follow all of them. Applied literally (as Eq. 2 is written), the scale multiplies the shifted weight, so the mean
 becomes ``sqrt(V[w] / V[w_q]) E[w]`` (equal to E[w] only when the scale is 1; latent weights are near zero-mean,
 so the difference is small). Choices the paper leaves open (each selectable by the caller):
 

@@ -1,6 +1,6 @@
 """Bit-wise coreset sampling of EMQ: TDDS importance scores and temperature sampling (Eq. 3).
 
-TDDS (Temporal Dual-Depth Scoring, Zhang et al., CVPR 2024), as EMQ's spec (``emq.md`` Sec. 4.2) states it, from
+TDDS (Temporal Dual-Depth Scoring, Zhang et al., CVPR 2024), as EMQ (Kim et al., NeurIPS 2025) uses it, from
 each sample's softmax output p_t after scoring epoch t = 1..T:
 
 * ``d_t = sum_c | p_{t+1,c} (log(p_{t+1,c} + eps) - log(p_{t,c} + eps)) |`` (eps = 1e-8), t = 1..T-1;

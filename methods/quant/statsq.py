@@ -1,4 +1,4 @@
-"""StatsQ weight quantizer for vision transformers, as EMQ uses it for ViTs (spec ``emq.md`` Sec. 1).
+"""StatsQ weight quantizer for vision transformers, as EMQ uses it for ViTs (Kim et al., NeurIPS 2025).
 
 Per output row r of a weight matrix (row = output feature of ``nn.Linear``)::
 

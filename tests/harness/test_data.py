@@ -209,7 +209,10 @@ def test_train_subset_is_deterministic_sorted_subset() -> None:
 
 
 def test_subset_bounds() -> None:
-    assert len(data.load_dataset("synthetic", train_subset=10_000).train) == 512
+    assert len(data.load_dataset("synthetic", train_subset=512).train) == 512
+    with pytest.raises(ConfigError, match=r"^--train-subset 10000 is larger than the synthetic training split \(512 "
+                                          r"samples\)$"):
+        data.load_dataset("synthetic", train_subset=10_000)
     for bad in (0, -1):
         with pytest.raises(ConfigError):
             data.load_dataset("synthetic", train_subset=bad)

@@ -81,7 +81,7 @@ def test_reference_row_comes_first_with_its_32_bit_top1_in_every_bit_column(tmp_
     assert list(table.columns) == [*without.columns, "cost vs fp"]  # no column of its own
     fp = table.iloc[0]
     assert fp["2-bit top-1 %"] == fp["32-bit top-1 %"] == "99.00 ± 1.00"
-    assert fp["storage MB per bit"] == "0.032 / 0.032" and fp["total MB"] == "0.032"
+    assert fp["MB at this bit-width"] == "0.032 / 0.032" and fp["MB for all bit-widths"] == "0.032"
     assert fp["passes vs fewest"] == "0.50x" and fp["cost vs fp"] == "1.00x"
     # the methods' cells are what they are without the reference: it takes no part in the '~' marks (at 32 bits
     # its interval lies above both methods'; b stays within the noise of a, the best method)

@@ -48,7 +48,7 @@ def test_killed_process_resumes_to_the_same_summary(tmp_path):
     checkpoint = tmp_path / "victim" / "cells" / "dedicated__seed0" / "checkpoint.pt"
     deadline = time.time() + 240
     while time.time() < deadline and victim.poll() is None:
-        if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["epoch"] >= 1:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["epoch"] >= 1:
             break
         time.sleep(0.05)
     killed = victim.poll() is None

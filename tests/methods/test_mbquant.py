@@ -280,7 +280,7 @@ def test_resnet18_tiles_the_shared_stem_and_shuffles_downsampling_residuals(synt
     assert not any(block.shuffle for block in unshuffled.blocks)
 
 
-# ResNet-18 hand count from the spec (per branch, the torchvision body at width 1):
+# ResNet-18 hand count from the authors' code (per branch, the torchvision body at width 1):
 #   layer1: 4 x 64*64*9 = 147,456
 #   layer2: 64*128*9 + 3 x 128*128*9 + 64*128 = 73,728 + 442,368 + 8,192 = 524,288
 #   layer3: 128*256*9 + 3 x 256*256*9 + 128*256 = 294,912 + 1,769,472 + 32,768 = 2,097,152

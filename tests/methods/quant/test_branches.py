@@ -51,7 +51,7 @@ def test_amortized_windows_are_valid_and_never_load_a_branch_more_than_serial(bi
 
 
 def test_odd_bit_selection_is_the_codes_table_for_2_to_8():
-    """Full branches and partial branch per bit-width (the spec's table for bits 2..8, 0-based branches)."""
+    """Full branches and partial branch per bit-width (the authors' code's table for bits 2..8, 0-based)."""
     selection = amortized_selection(range(2, 9))
     table = {b: (set(range(start, start + count)), partial_branch(selection, b)) for b, (start, count) in
              selection.items()}
