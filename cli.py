@@ -268,9 +268,10 @@ def reproduce(preset_name, all_claims, data_root, epochs, seeds, full_size, trai
 
 @cli.command("list")
 @click.argument("what", type=click.Choice(["methods", "datasets", "models", "presets"]))
-def list_command(what: str) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Methods: every option with its type and default.")
+def list_command(what: str, verbose: bool) -> None:
     """List the registered methods (built-in and entry points), data sets, models or paper presets (with each
-    preset's claims: name, statement and source)."""
+    preset's claims: name, statement and source). Method options are set as NAME:KEY=VALUE (e.g. emq:prune=0)."""
     if what == "methods":
         from harness.registry import get_method, list_methods
 
@@ -278,6 +279,9 @@ def list_command(what: str) -> None:
             cls = get_method(name)
             doc = (cls.__doc__ or "").strip().splitlines()
             click.echo(f"{name:16s} {doc[0] if doc else ''}  [{cls.__module__}]")
+            if verbose:
+                for line in cls.Config.option_lines() or ["(no options)"]:
+                    click.echo(f"{'':18s}{line}")
     elif what == "datasets":
         from harness.data import DATASETS, default_data_root
 

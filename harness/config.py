@@ -303,6 +303,20 @@ class MethodConfig(JsonConfig):
             check_field_type(type(self).__name__, f.name, getattr(self, f.name), hints[f.name])
 
     @classmethod
+    def option_lines(cls) -> list[str]:
+        """``name: type = default`` for every option (what ``list methods -v`` prints)."""
+        hints = typing.get_type_hints(cls)
+        lines = []
+        for f in fields(cls):
+            hint = hints[f.name]
+            text = repr(hint) if typing.get_origin(hint) else getattr(hint, "__name__", repr(hint))
+            text = text.replace("typing.", "")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = "none" if default is None else str(default).lower() if isinstance(default, bool) else default
+            lines.append(f"{f.name}: {text} = {shown}")
+        return lines
+
+    @classmethod
     def from_options(cls, options: dict[str, str]):
         """Build from ``KEY=VALUE`` strings, converting each value by the field's type hint."""
         known = {f.name for f in fields(cls)}

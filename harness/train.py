@@ -209,6 +209,9 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
     if budget is not None and not budget_spent:
         spent = _budget_spent(schedule, ctx, timer, device)
         budget_spent = spent >= budget
+        if budget_spent and start_epoch == 0:
+            raise ConfigError(f"{method_spec}: the budget {schedule.budget_kind}={budget:g} is spent by its prepare "
+                              f"phase alone ({spent:g}), so it would train no step; raise --budget")
         if train_budget_start is None:
             train_budget_start = spent
     steps = steps_per_epoch(len(data.train), schedule.batch_size)

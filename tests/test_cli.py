@@ -50,6 +50,8 @@ def write_bad_fashion_mnist(root):
     ["--nosuchflag"],
     ["--eval-bits", "3"],  # anyprecision has no BN for an untrained bit-width
     ["--model", "deit_tiny"],  # anyprecision quantizes convolutional models only
+    ["--momentum", "5"], ["--momentum", "1"],
+    ["--train-subset", "100000"],  # more than the synthetic training split
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, args):
     write_bad_fashion_mnist(tmp_path / "corrupt")
@@ -118,6 +120,53 @@ def test_help_explains_every_command(capsys, command):
 def test_report_of_a_folder_without_records_is_an_error(capsys, tmp_path):
     code, _, err = run_cli(capsys, ["report", str(tmp_path)])
     assert code == 2 and err.startswith("error: ")
+    code, _, err = run_cli(capsys, ["report", str(tmp_path / "nowhere")])
+    assert code == 2 and err == f"error: {tmp_path / 'nowhere'} does not exist\n"
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--momentum", "5"], "error: --momentum must be in [0, 1), got 5.0\n"),
+    (["--batch-size", "0"], "error: --batch-size must be a positive integer, got 0\n"),
+    (["--train-subset", "100000"],
+     "error: --train-subset 100000 is larger than the synthetic training split (512 samples)\n"),
+])
+def test_errors_name_the_flags(capsys, tmp_path, args, expected):
+    code, _, err = run_cli(capsys, ["compare", "--methods", "anyprecision", *TINY, "--out", str(tmp_path / "o"), *args])
+    assert code == 2 and err == expected
+
+
+def test_a_budget_spent_by_the_prepare_phase_alone_is_one_line(capsys, tmp_path):
+    """Found only once EMQ has scored (its cost depends on the run), so the run folder exists; no table is written."""
+    code, _, err = run_cli(capsys, ["compare", "--methods", "emq:score_epochs=3", *TINY, "--budget",
+                                    "sample-passes=100", "--reference", "none", "--out", str(tmp_path / "o")])
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: emq:score_epochs=3: the budget sample-passes=100 is spent by its prepare phase alone")
+    assert not (tmp_path / "o" / "table.md").exists()
+
+
+def test_list_methods_verbose_shows_every_option_with_type_and_default(capsys):
+    code, out, _ = run_cli(capsys, ["list", "methods", "-v"])
+    assert code == 0
+    assert "                  prune: float = 0.8\n" in out
+    assert "                  odd_bits: Literal['partial_branch', 'error'] = partial_branch\n" in out
+    assert "                  rescore_every: int | None = none\n" in out
+
+
+def test_resumed_cell_says_where_it_resumes(capsys, tmp_path, monkeypatch):
+    import harness.executors as executors
+
+    out_dir = tmp_path / "out"
+    base = ["compare", "--methods", "anyprecision", *[a for a in TINY if a != "--quiet"], "--epochs", "3",
+            "--reference", "none", "--out", str(out_dir)]
+    original = executors.run_cell
+    # the first run stops after one epoch, as a kill would
+    monkeypatch.setattr(executors, "run_cell", lambda *a, **k: original(*a, **{**k, "stop_after": 1}))
+    with pytest.raises(TypeError):  # the stopped cell has no record to tabulate
+        cli.run(base)
+    monkeypatch.undo()
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, base)
+    assert code == 0 and "anyprecision seed 0: resuming at epoch 2" in err and "training" not in err
 
 
 def test_budget_run_tabulates_epochs_run_and_report_rebuilds_it_byte_for_byte(capsys, tmp_path):

@@ -86,3 +86,42 @@ def test_decorator_rejects_a_second_class_with_the_same_name():
         @register_method("anyprecision")
         class Other(Method):
             pass
+
+
+PICKY_PLUGIN = textwrap.dedent('''
+    from dataclasses import dataclass
+
+    from harness.config import MethodConfig
+    from harness.method import Method
+
+
+    @dataclass(frozen=True)
+    class PickyConfig(MethodConfig):
+        level: int = 1
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.level > 3:
+                raise ValueError(f"level must be at most 3, got {self.level}")
+
+
+    class Picky(Method):
+        """A plugin whose config validates with a plain ValueError."""
+
+        Config = PickyConfig
+''')
+
+
+def test_a_plugin_config_error_is_one_line_naming_the_plugin(on_sys_path, capsys):
+    import cli
+
+    make_distribution(on_sys_path, "mbq_picky", "picky", "mbq_picky:Picky", PICKY_PLUGIN)
+    try:
+        registry.discover(force=True)
+        code = cli.run(["compare", "--methods", "picky:level=5", "--out", str(on_sys_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 2 and err == ("error: method 'picky' (mbq_picky) rejected its options: ValueError: level must "
+                                     "be at most 3, got 5\n")
+        assert not (on_sys_path / "out").exists()
+    finally:
+        registry.unregister("picky")

@@ -9,9 +9,14 @@ from scipy.stats import bootstrap
 
 from harness.errors import MbqError
 from harness.report import (
+    MIN_ACCURACY_SPAN,
     accuracy_plot_png,
+    accuracy_range,
+    caption,
     check_same_schedule,
     comparison_table,
+    latex_escape,
+    latex_table,
     pareto_plot_png,
     seed_stats,
     stats_frame,
@@ -131,3 +136,35 @@ def test_regime_notes_are_one_line_per_method_under_the_table(tmp_path):
     assert regime_lines([inside, *outside]) == "\nOutside its regime: emq: 3 coreset steps per epoch; scoring 75%.\n"
     markdown = write_reports(tmp_path, [inside, *outside])
     assert markdown.endswith("Outside its regime: emq: 3 coreset steps per epoch; scoring 75%.\n")
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ([97.5, 98.3], (90.0, 100.0)),  # a 0.8-point spread: widened to the 10-point minimum, shifted under 100
+    ([40.0, 90.0], (35.0, 95.0)),  # wide spreads get a 10 % margin
+    ([0.5, 2.0], (0.0, 10.0)),
+])
+def test_accuracy_axis_never_zooms_into_seed_noise(values, expected):
+    low, high = accuracy_range(values)
+    assert high - low >= MIN_ACCURACY_SPAN - 1e-9 and 0.0 <= low and high <= 100.0
+    assert (low, high) == pytest.approx(expected)
+    assert low <= min(values) and high >= max(values)
+
+
+def test_latex_table_has_booktabs_right_aligned_numbers_and_an_escaped_caption():
+    table = comparison_table([record("a", 0, {2: 90.0, 4: 91.0}), record("b", 0, {2: 80.0, 4: 85.0})])
+    tex = latex_table(table, "50% of runs_x ~ best")
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    assert "\\begin{tabular}{l" + "r" * (len(table.columns) - 1) + "}" in tex
+    assert "\\caption{50\\% of runs\\_x \\textasciitilde{} best}" in tex
+    assert latex_escape("a&b#c$d{e}f^g\\h") == "a\\&b\\#c\\$d\\{e\\}f\\textasciicircum{}g\\textbackslash{}h"
+
+
+def test_caption_says_two_seeds_give_no_95_percent_interval_and_names_budget_epochs():
+    two = [record("a", 0, {2: 90.0}), record("a", 1, {2: 91.0})]
+    assert "With 2 seeds the bootstrap interval is the range of the two values" in caption(two)
+    three = two + [record("a", 2, {2: 92.0})]
+    assert "With 2 seeds" not in caption(three)
+    budget = {"epochs": 20, "optimizer": "sgd", "lr": 0.1, "lr_schedule": "cosine", "batch_size": 8,
+              "budget_kind": "sample-passes", "budget": 1000.0}
+    text = caption([record("a", 0, {2: 90.0}, schedule=budget)])
+    assert "lr curve shaped over 20 nominal epochs (each method's epochs: 'epochs run')" in text

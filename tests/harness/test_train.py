@@ -21,6 +21,7 @@ from harness.train import run_cell
 @dataclass(frozen=True)
 class RecorderConfig(MethodConfig):
     poison_epoch: int = -1
+    blow_up_epoch: int = -1  # from this epoch on the reported loss is finite but huge
 
 
 class Recorder(Method):
@@ -44,6 +45,8 @@ class Recorder(Method):
         ctx.count_passes(max(ctx.bits), len(batch.y))
         if ctx.epoch == self.cfg.poison_epoch:
             return {"loss": float("nan")}
+        if 0 <= self.cfg.blow_up_epoch <= ctx.epoch:
+            return {"loss": 1e6}
         return {"loss": loss.item()}
 
     def set_bits(self, model, bits):
@@ -100,3 +103,21 @@ def test_nan_loss_is_a_clear_error_and_keeps_the_last_checkpoint(recorder, tiny_
         run_cell(spec, "recorder:poison_epoch=1", 0, synthetic, store)
     assert store.load_checkpoint("recorder:poison_epoch=1", 0)["epoch"] == 1
     assert store.load_record("recorder:poison_epoch=1", 0) is None
+
+
+def test_a_finite_blow_up_stops_with_one_line_and_keeps_the_last_checkpoint(recorder, tiny_spec, synthetic, tmp_path):
+    """A loss 100x the chance level (ln 10 per loss term here) is a divergence, even while it stays finite."""
+    label = "recorder:blow_up_epoch=1"
+    spec = tiny_spec(methods=(label,), bits=(32,), epochs=3)
+    store = RunStore(tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"diverged: mean loss 1e\+06 in epoch 2, over 100x the chance-level "
+                                               r"2.3; the last completed epoch's checkpoint is kept") as error:
+        run_cell(spec, label, 0, synthetic, store)
+    assert "\n" not in str(error.value)
+    assert store.load_checkpoint(label, 0)["epoch"] == 1
+
+
+def test_no_progress_output_without_a_terminal(recorder, tiny_spec, synthetic, capsys):
+    spec = tiny_spec(methods=("recorder",), bits=(32,), epochs=2)
+    run_cell(spec, "recorder", 0, synthetic, show_progress=True)  # pytest's captured stderr is not a terminal
+    assert capsys.readouterr().err == ""
