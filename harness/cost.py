@@ -58,6 +58,7 @@ class PhaseTimer:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float, seconds or {})
         self._running_since: float | None = None
+        self._running_name = ""
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -69,7 +70,7 @@ class PhaseTimer:
         if self.device.type == "cuda":
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
-        self._running_since = start
+        self._running_since, self._running_name = start, name
         try:
             yield
         finally:
@@ -80,6 +81,16 @@ class PhaseTimer:
                 self.seconds[name] += events[0].elapsed_time(events[1]) / 1000.0
             else:
                 self.seconds[name] += time.perf_counter() - start
+
+    def snapshot(self) -> dict[str, float]:
+        """Seconds per phase, the running phase's elapsed part included (host clock): what a checkpoint taken in
+        the middle of a phase must carry so that a resumed run counts that time once."""
+        seconds = dict(self.seconds)
+        if self._running_since is not None:
+            synchronize(self.device)
+            seconds[self._running_name] = seconds.get(self._running_name, 0.0) + (
+                time.perf_counter() - self._running_since)
+        return seconds
 
     def total_seconds(self) -> float:
         """Seconds of every phase so far, the running one included (host clock for the running part)."""

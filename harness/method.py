@@ -10,7 +10,7 @@ records) belongs to the harness, so two methods differ only in their quantizatio
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -54,6 +54,9 @@ class RunContext:
     schedule: Any = None
     show_progress: bool = False
     eval_bits: tuple[int, ...] = ()
+    #: saves a checkpoint of the prepare phase so far (the method's ``state_dict`` holds its progress); a resumed
+    #: run calls ``prepare`` again, which continues from that state. A no-op without a run folder.
+    checkpoint_prepare: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def count_passes(self, bits: int, samples: int) -> None:
         """Record ``samples`` forward+backward sample-passes at ``bits`` (machine-independent cost)."""
@@ -156,6 +159,11 @@ class Method:
         return storage_bits_total_of(model, bits) // 8
 
     # -- resumable state ------------------------------------------------------------------------------------
+    def resume_note(self) -> str | None:
+        """Where an interrupted prepare phase resumes (e.g. "resuming scoring at 4-bit epoch 3"), after
+        ``load_state_dict``; None: it restarts."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """State the method keeps outside the model (e.g. scores), saved in checkpoints."""
         return {}

@@ -70,18 +70,19 @@ class CellOutcome:
 
 
 def _checkpoint(model, optimizers, method, epoch, ctx, passes: Counter, timer, log,
-                budget_state: dict[str, Any]) -> dict[str, Any]:
-    """Everything a resumed cell needs; ``passes`` are the sums over ranks (rank 0 carries them on)."""
+                budget_state: dict[str, Any], prepared: bool = True) -> dict[str, Any]:
+    """Everything a resumed cell needs; ``passes`` are the sums over ranks (rank 0 carries them on).
+    ``prepared=False``: taken during the prepare phase, whose progress is in the method state."""
     return {
         "version": CHECKPOINT_VERSION,
         "epoch": epoch,
-        "prepared": True,
+        "prepared": prepared,
         "model": model.state_dict(),
         "optimizers": [o.state_dict() for o in optimizers],
         "method_state": method.state_dict(),
         "passes": dict(passes),
         "step": ctx.step,
-        "seconds": dict(timer.seconds),
+        "seconds": timer.snapshot(),
         "log": log,
         "rng": torch.get_rng_state(),
         **budget_state,
@@ -178,22 +179,27 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
         budget_spent = state.get("budget_spent", False)
         train_budget_start = state.get("train_budget_start")
         torch.set_rng_state(state["rng"])
-    if state is None or not prepared:
+    if state is None:
         echo(f"{method_spec} seed {seed}: training")
+    elif not prepared:
+        echo(f"{method_spec} seed {seed}: {method.resume_note() or 'restarting its prepare phase'}")
     else:
         echo(f"{method_spec} seed {seed}: resuming at epoch {start_epoch + 1}")
 
-    def save(epoch: int, passes: Counter) -> None:
-        distributed.average_buffers(model)
+    def save(epoch: int, passes: Counter, prepared: bool = True) -> None:
+        if prepared:
+            distributed.average_buffers(model)
         if store is None:
             return
         budget_state = {"budget_spent": budget_spent, "train_budget_start": train_budget_start}
-        store.save_checkpoint(method_spec, seed,
-                              _checkpoint(model, optimizers, method, epoch, ctx, passes, timer, log, budget_state))
+        store.save_checkpoint(method_spec, seed, _checkpoint(model, optimizers, method, epoch, ctx, passes, timer,
+                                                             log, budget_state, prepared))
         artifacts = method.artifacts()
         if artifacts:
             store.save_artifacts(method_spec, seed, artifacts)
 
+    # The prepare phase's own checkpoints (EMQ: after every scoring epoch); passes summed over ranks like the others.
+    ctx.checkpoint_prepare = lambda: save(0, distributed.sum_counter(ctx.passes, device), prepared=False)
     if not prepared:
         model.train()
         with timer.phase("prepare"), runtime.autocast():

@@ -126,6 +126,7 @@ class EMQ(Method):
         self.score_bits: tuple[int, ...] = ()
         self.scores: torch.Tensor | None = None  # (len(score_bits), N) coreset selector scores
         self.scored_at: list[int] = []  # epochs before which the training set was scored (0: the prepare phase)
+        self.scoring_progress: dict[str, Any] | None = None  # an unfinished prepare-phase scoring (emq_scoring)
         self.draws: dict[int, torch.Tensor] = {}  # first epoch of a draw -> (len(score_bits), k) int32 indices
 
     # -- checks -------------------------------------------------------------------------------------------------
@@ -241,7 +242,10 @@ class EMQ(Method):
 
     def _score(self, model: nn.Module, train_set: ImageSet, ctx: RunContext, epoch: int) -> None:
         self.score_bits = tuple(sorted(ctx.bits))
+        # only the phase before training checkpoints its progress (a checkpoint mid-training is an epoch's end)
+        self.scoring_progress = (self.scoring_progress or {}) if epoch == 0 else None
         self.scores = score_training_set(self, model, train_set, ctx, epoch).float().cpu()
+        self.scoring_progress = None
         self.scored_at = sorted({*self.scored_at, epoch})
         if epoch == 0:
             self.draws = {}
@@ -330,7 +334,18 @@ class EMQ(Method):
     # -- resumable state and artifacts ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "score_bits": list(self.score_bits), "scores": self.scores,
-                "draws": dict(self.draws), "scored_at": list(self.scored_at)}
+                "draws": dict(self.draws), "scored_at": list(self.scored_at),
+                "scoring_progress": self.scoring_progress}
+
+    def resume_note(self) -> str | None:
+        progress = self.scoring_progress
+        if not progress:
+            return None
+        running = progress.get("running")
+        if running:
+            bits = "/".join(map(str, running["bits"]))
+            return f"resuming scoring at {bits}-bit epoch {int(running['epochs_done']) + 1}"
+        return f"resuming scoring after the {'/'.join(map(str, sorted(progress.get('done', {}))))}-bit runs"
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = int(state.get("seed", 0))
@@ -338,6 +353,7 @@ class EMQ(Method):
         self.scores = state.get("scores")
         self.draws = {int(k): v for k, v in state.get("draws", {}).items()}
         self.scored_at = [int(e) for e in state.get("scored_at", [0] if self.scores is not None else [])]
+        self.scoring_progress = state.get("scoring_progress")
 
     def artifacts(self) -> dict[str, torch.Tensor]:
         """TDDS scores, selection probabilities and every coreset drawn so far (empty when ``prune=0``)."""

@@ -9,7 +9,10 @@ sample. Bit-wise scoring (the paper) runs one copy per bit-width; batch-wise sco
 joint multi-bit run. A selector that needs no scoring (``random``) runs nothing.
 
 Each scoring run reads its own batch stream, seeded by (run seed, bit-width, epoch at which it scores), so a
-resumed run re-scores exactly as the first.
+resumed run re-scores exactly as the first. The scoring phase before training is checkpointed after every scoring
+epoch (``method.scoring_progress``: the finished bit-widths' scores and the running one's network, optimizers and
+selector); a killed run resumes at the next scoring epoch and ends with the scores of an uninterrupted one.
+Re-scoring phases during training are not checkpointed: a run killed in one repeats it from its start.
 """
 
 from __future__ import annotations
@@ -80,7 +83,17 @@ def scoring_run(method: Any, initial: nn.Module, train_set: ImageSet, bits: tupl
     score_epochs = cfg.scoring_epochs(schedule.epochs)
     if cfg.selector == "tdds" and cfg.tdds_window is not None and cfg.tdds_window > score_epochs - 1:
         raise ConfigError(f"emq tdds_window must be in 2..score_epochs-1 = {score_epochs - 1}, got {cfg.tdds_window}")
-    for epoch in range(score_epochs):
+    progress = getattr(method, "scoring_progress", None)
+    first_epoch = 0
+    running = progress.get("running") if progress is not None else None
+    if running is not None and tuple(running["bits"]) == tuple(bits):  # resume an interrupted scoring run
+        network.load_state_dict(running["network"])
+        for optimizer, saved in zip(optimizers, running["optimizers"]):
+            optimizer.load_state_dict(saved)
+        for b in bits:
+            selectors[b].load_state_dict(running["selectors"][b])
+        first_epoch = int(running["epochs_done"])
+    for epoch in range(first_epoch, score_epochs):
         probabilities = {b: torch.zeros(num_samples, ctx.num_classes, device=ctx.device) for b in bits}
         batches = epoch_batches(train_set, schedule.batch_size, stream_seed, epoch, augment, ctx.device)
         label = f"emq scoring {'/'.join(map(str, bits))}-bit ep{epoch + 1}/{score_epochs}"
@@ -102,6 +115,11 @@ def scoring_run(method: Any, initial: nn.Module, train_set: ImageSet, bits: tupl
         for b in bits:
             distributed.all_reduce_sum(probabilities[b])  # each rank filled only its shards' rows
             selectors[b].add_epoch(probabilities[b], labels)
+        if progress is not None:
+            progress["running"] = {"bits": list(bits), "epochs_done": epoch + 1, "network": network.state_dict(),
+                                   "optimizers": [o.state_dict() for o in optimizers],
+                                   "selectors": {b: selectors[b].state_dict() for b in bits}}
+            ctx.checkpoint_prepare()
     if selector_class.needs_features:
         for b in bits:
             selectors[b].add_features(head_features(method, network, train_set, b, ctx.device), labels)
@@ -117,10 +135,14 @@ def score_training_set(method: Any, model: nn.Module, train_set: ImageSet, ctx: 
     initial = copy.deepcopy(model)  # every scoring run starts from the same state of the main network
     # Through the method, so that its scoring seeds and runs can be replaced (tests, subclasses).
     offset = RESCORING_SEED_STRIDE * epoch
-    if method.cfg.scoring == "bitwise":
-        rows = [method.scoring_run(initial, train_set, (b,), method.scoring_seed(ctx.seed, b) + offset, ctx)[b]
-                for b in bits]
-    else:
-        by_bits = method.scoring_run(initial, train_set, bits, method.scoring_seed(ctx.seed, 0) + offset, ctx)
-        rows = [by_bits[b] for b in bits]
-    return torch.stack(rows)
+    progress = getattr(method, "scoring_progress", None)
+    done: dict[int, torch.Tensor] = progress.setdefault("done", {}) if progress is not None else {}
+    runs = [(b,) for b in bits] if method.cfg.scoring == "bitwise" else [bits]
+    for run_bits in runs:
+        if all(b in done for b in run_bits):
+            continue
+        stream = method.scoring_seed(ctx.seed, run_bits[0] if len(run_bits) == 1 else 0) + offset
+        done.update(method.scoring_run(initial, train_set, run_bits, stream, ctx))
+        if progress is not None:
+            progress["running"] = None
+    return torch.stack([done[b] for b in bits])

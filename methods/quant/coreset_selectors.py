@@ -25,7 +25,7 @@ Third-party selectors register with :func:`register_selector`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,13 @@ class Selector:
     def scores(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the selector has collected (tensors and plain data), for a checkpoint taken during scoring."""
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+
 
 SELECTORS: dict[str, type[Selector]] = {}
 
@@ -86,6 +93,12 @@ class TDDSSelector(Selector):
 
     def scores(self) -> torch.Tensor:
         return self.recorder.scores(self.window, self.beta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"previous": self.recorder.previous, "changes": list(self.recorder.changes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recorder.previous, self.recorder.changes = state["previous"], list(state["changes"])
 
 
 def el2n(probabilities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -129,3 +129,39 @@ def test_rescoring_changes_the_scores_and_the_draws_that_follow(tiny_spec, synth
     artifacts = torch.load(store.cell_dir(label, 0) / "artifacts.pt")
     # resample every 3 epochs, re-score before epoch 2: draws start at 0, 2 (new scores) and 3 (resampling)
     assert artifacts["coreset_epochs"].tolist() == [0, 2, 3]
+
+
+def test_a_kill_during_scoring_resumes_at_the_next_scoring_epoch_with_the_same_scores(tiny_spec, synthetic, tmp_path,
+                                                                                      monkeypatch):
+    label = "emq:score_epochs=3"
+    spec = tiny_spec(methods=(label,), bits=(2, 8), epochs=2)
+    data = dataclasses.replace(synthetic, train=SubsetImageSet(synthetic.train, torch.arange(48)))
+    full = run_cell(spec, label, 0, data, RunStore(tmp_path / "full"))
+    store = RunStore(tmp_path / "killed")
+    prepare_saves = []
+    original = RunStore.save_checkpoint
+
+    def killed_after_the_first_8_bit_epoch(self, method_label, seed, state):
+        original(self, method_label, seed, state)
+        if not state["prepared"]:
+            prepare_saves.append(state["method_state"]["scoring_progress"]["running"]["epochs_done"])
+            if len(prepare_saves) == 4:  # the 2-bit run's 3 scoring epochs, then the 8-bit run's first
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunStore, "save_checkpoint", killed_after_the_first_8_bit_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(spec, label, 0, data, store)
+    monkeypatch.undo()
+    assert prepare_saves == [1, 2, 3, 1]
+    state = store.load_checkpoint(label, 0)
+    assert state["prepared"] is False and sorted(state["method_state"]["scoring_progress"]["done"]) == [2]
+    calls = counting(monkeypatch)
+    messages: list[str] = []
+    resumed = run_cell(spec, label, 0, data, store, echo=messages.append)
+    assert messages == [f"{label} seed 0: resuming scoring at 8-bit epoch 2"]
+    assert calls == [(8,)]  # the finished 2-bit scores are reused
+    assert resumed.record["results"] == full.record["results"]
+    assert resumed.record["sample_passes_total"] == full.record["sample_passes_total"]
+    saved = [torch.load(s.cell_dir(label, 0) / "artifacts.pt") for s in (RunStore(tmp_path / "full"), store)]
+    assert torch.equal(saved[0]["coreset_scores"], saved[1]["coreset_scores"])
+    assert torch.equal(saved[0]["coreset_indices"], saved[1]["coreset_indices"])
