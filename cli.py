@@ -13,6 +13,7 @@ import click
 
 from harness.config import RunSpec, Schedule, parse_bits, parse_budget
 from harness.errors import ConfigError, MbqError
+from harness.threads import configure_threads, set_wait_policy
 
 DEFAULTS = Schedule()
 
@@ -47,7 +48,8 @@ def runtime_options(command):
                      show_default=True,
                      help="Hold in-memory data sets on the GPU and augment there (auto: on CUDA only)."),
         click.option("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: torch's choice; 1 per process avoids oversubscription)."),
+                     help="CPU threads for torch (default: OMP_NUM_THREADS, else the CPUs this process may use; "
+                          "OpenMP waits passively unless OMP_WAIT_POLICY is set)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -81,12 +83,9 @@ def _executor_options(kwargs: dict) -> dict:
 
 def _runtime_fields(kwargs: dict) -> dict:
     threads = kwargs.pop("threads")
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be a positive integer, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be a positive integer, got {threads}")
+    configure_threads(threads)
     return {"amp": kwargs.pop("amp"), "channels_last": kwargs.pop("channels_last"),
             "compile": kwargs.pop("compile_model"), "data_placement": kwargs.pop("data_placement")}
 
@@ -335,6 +334,7 @@ def report(run_dirs, baseline, allow_mixed, out) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors become one ``error: ...`` line on stderr and exit status 2."""
+    set_wait_policy()  # before any command imports torch
     try:
         result = cli.main(args=argv, prog_name="cli.py", standalone_mode=False)
         return result if isinstance(result, int) else 0
