@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.quant.branch_selection import Selection, has_partial
-from methods.quant.branches import BranchSwitchable, active_channels, needs_partial
+from methods.quant.branches import BranchSwitchable, ChannelSliced, active_channels, needs_partial
 from methods.quant.modules import batchnorm_storage_bits
 
 
-class SharedBranchBatchNorm2d(BranchSwitchable, nn.BatchNorm2d):
+class SharedBranchBatchNorm2d(ChannelSliced, nn.BatchNorm2d):
     """One plain BN over every branch's channels, shared by all bit-widths; normalizes the active channels."""
 
     def __init__(self, channels_per_branch: int, num_branches: int, selection: Selection,
@@ -30,25 +30,13 @@ class SharedBranchBatchNorm2d(BranchSwitchable, nn.BatchNorm2d):
         self.bits = max(self.selection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start, count = self.window
-        first = start * self.channels_per_branch
-        channels = slice(first, first + active_channels(self.channels_per_branch, self.partial, self.bits, count))
+        channels = self.active_slice()
         # Slices of the running statistics are views, so batch_norm updates the shared buffers in place.
         return F.batch_norm(x, self.running_mean[channels], self.running_var[channels], self.weight[channels],
                             self.bias[channels], self.training, self.momentum, self.eps)
 
     def _per_channel_bits(self) -> int:
         return batchnorm_storage_bits(self) // (self.num_branches * self.channels_per_branch)
-
-    def storage_bits(self, bits: int) -> int:
-        _, count = self._window_of(bits)
-        return active_channels(self.channels_per_branch, self.partial, bits, count) * self._per_channel_bits()
-
-    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
-        bits_set = tuple(bits_set)
-        channels = (len(self._branches_used(bits_set)) * self.channels_per_branch
-                    + len(self._extra_partials(bits_set)) * (self.partial or 0))
-        return channels * self._per_channel_bits()
 
 
 class BranchSwitchableBatchNorm2d(BranchSwitchable, nn.Module):

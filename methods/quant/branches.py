@@ -48,9 +48,9 @@ from methods.quant.branch_selection import (
 from methods.quant.modules import FLOAT_BITS, BitSwitchable
 
 __all__ = [
-    "BranchConv2d", "BranchStemConv2d", "BranchSwitchable", "Selection", "active_channels", "amortized_selection",
-    "bounded_quantize", "full_branches", "has_partial", "num_branches", "partial_branch", "quantize_activation",
-    "quantize_weight_2bit", "serial_selection",
+    "BranchConv2d", "BranchStemConv2d", "BranchSwitchable", "ChannelSliced", "Selection", "active_channels",
+    "amortized_selection", "bounded_quantize", "full_branches", "has_partial", "num_branches", "partial_branch",
+    "quantize_activation", "quantize_weight_2bit", "serial_selection",
 ]
 
 
@@ -102,6 +102,32 @@ class BranchSwitchable(BitSwitchable):
         """Partial slices outside every stored full branch (a slice inside one costs no extra storage)."""
         bits_set = tuple(bits_set)
         return self._partials_used(bits_set) - self._branches_used(bits_set)
+
+
+class ChannelSliced(BranchSwitchable):
+    """A layer whose per-channel tensors hold ``channels_per_branch`` channels per branch; a bit-width uses the
+    contiguous channels of its window and, when odd, the first ``partial`` channels of the next branch."""
+
+    channels_per_branch: int
+    partial: int | None
+
+    def _per_channel_bits(self) -> int:
+        raise NotImplementedError
+
+    def active_slice(self) -> slice:
+        start, count = self.window
+        first = start * self.channels_per_branch
+        return slice(first, first + active_channels(self.channels_per_branch, self.partial, self.bits, count))
+
+    def storage_bits(self, bits: int) -> int:
+        _, count = self._window_of(bits)
+        return active_channels(self.channels_per_branch, self.partial, bits, count) * self._per_channel_bits()
+
+    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
+        bits_set = tuple(bits_set)
+        channels = (len(self._branches_used(bits_set)) * self.channels_per_branch
+                    + len(self._extra_partials(bits_set)) * (self.partial or 0))
+        return channels * self._per_channel_bits()
 
 
 class BranchConv2d(BranchSwitchable, nn.Module):
@@ -277,7 +303,7 @@ class BranchConv2d(BranchSwitchable, nn.Module):
         return weights * WEIGHT_BITS + (weight_bounds + act_bounds) * FLOAT_BITS
 
 
-class BranchStemConv2d(BranchSwitchable, nn.Module):
+class BranchStemConv2d(ChannelSliced, nn.Module):
     """Full-precision first convolution: every branch reads the whole input and owns ``out_per_branch``
     output channels; the active branches' rows of the weight are run (the partial branch: the first ``partial``
     rows of the next branch)."""
@@ -287,6 +313,7 @@ class BranchStemConv2d(BranchSwitchable, nn.Module):
         super().__init__()
         needs_partial(selection, partial=partial)
         self.out_per_branch, self.num_branches, self.partial = out_per_branch, num_branches, partial
+        self.channels_per_branch = out_per_branch
         self.selection = dict(selection)
         self.bits = max(self.selection)
         self.padding = kernel_size // 2
@@ -295,20 +322,7 @@ class BranchStemConv2d(BranchSwitchable, nn.Module):
         self.mbq_role = "stem"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start, count = self.window
-        first = start * self.out_per_branch
-        rows = slice(first, first + active_channels(self.out_per_branch, self.partial, self.bits, count))
-        return F.conv2d(x, self.weight[rows], None, 1, self.padding)
+        return F.conv2d(x, self.weight[self.active_slice()], None, 1, self.padding)
 
     def _per_channel_bits(self) -> int:
         return self.weight[0].numel() * FLOAT_BITS
-
-    def storage_bits(self, bits: int) -> int:
-        _, count = self._window_of(bits)
-        return active_channels(self.out_per_branch, self.partial, bits, count) * self._per_channel_bits()
-
-    def storage_bits_total(self, bits_set: Iterable[int]) -> int:
-        bits_set = tuple(bits_set)
-        channels = (len(self._branches_used(bits_set)) * self.out_per_branch
-                    + len(self._extra_partials(bits_set)) * (self.partial or 0))
-        return channels * self._per_channel_bits()
