@@ -201,7 +201,12 @@ def regime_lines(records: Sequence[dict[str, Any]]) -> str:
         for note in record.get("regime_notes", ()):
             if note not in notes.setdefault(record["method"], []):
                 notes[record["method"]].append(note)
-    return "".join(f"\nOutside its regime: {method}: {'; '.join(lines)}.\n" for method, lines in notes.items())
+    lines_out = "".join(f"\nOutside its regime: {method}: {'; '.join(lines)}.\n" for method, lines in notes.items())
+    for record in records:
+        if record.get("training_notes"):
+            lines_out += (f"\nUnstable training: {record['method']} (seed {record['seed']}): "
+                          f"{'; '.join(record['training_notes'])}.\n")
+    return lines_out
 
 
 PLOT_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
