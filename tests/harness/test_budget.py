@@ -72,13 +72,13 @@ def test_budgeted_run_resumes_exactly(tiny_spec, synthetic, tmp_path):
     assert resumed["results"] == whole["results"]
 
 
-def test_emq_scoring_counts_against_the_budget(tiny_spec, synthetic):
-    # EMQ's scoring phase alone spends 3 epochs x 512 samples x 2 bit-widths = 3072 passes: nothing is left.
+def test_a_budget_that_emq_scoring_spends_alone_is_an_error(tiny_spec, synthetic):
+    # EMQ's scoring phase alone spends 3 epochs x 512 samples x 2 bit-widths = 3072 passes: nothing is left, and
+    # a table calling that run "equal-cost" would mislead, so it stops with one line.
     spec = tiny_spec(epochs=3, schedule={"budget_kind": "sample-passes", "budget": 1000.0})
-    record = run_cell(spec, "emq:score_epochs=3", 0, synthetic).record
-    assert record["epochs_run"] == 0
-    assert record["device_hours_by_phase"]["train"] == 0.0
-    assert record["sample_passes_total"] == 3072
+    with pytest.raises(ConfigError, match=r"^emq:score_epochs=3: the budget sample-passes=1000 is spent by its "
+                                          r"prepare phase alone \(3072\), so it would train no step; raise --budget$"):
+        run_cell(spec, "emq:score_epochs=3", 0, synthetic)
 
 
 def test_the_lr_curve_spans_what_prepare_left_of_the_budget(tiny_spec, synthetic):
