@@ -1,11 +1,14 @@
 """CPU thread defaults that behave on a shared machine.
 
-PyTorch's OpenMP threads spin while they wait for work by default; on a machine where another process is busy,
-the spinning threads and that process take turns on the cores and a training step slows 10x or more. mbqbench
-therefore asks OpenMP to wait passively (``OMP_WAIT_POLICY=PASSIVE``, set before torch loads its OpenMP runtime
-unless the environment already sets it) and uses as many threads as the CPUs this process may run on (its CPU
-affinity: a cluster job's allocation, a ``taskset`` mask), not every core of the machine. ``--threads N`` or
-``OMP_NUM_THREADS`` override the count; ``OMP_WAIT_POLICY=ACTIVE`` restores spinning.
+PyTorch's OpenMP threads spin while they wait for work; on a machine where another process is busy, the spinning
+threads and that process take turns on the cores and a training step slows many times over. Passive waiting
+fixes that but costs an idle machine about half its speed (the README's main job on 2 cores: 93 s idle with the
+default policy, 204 s passive; with one busy process beside it, 191 s passive against over 10 minutes). So
+mbqbench waits passively only when the machine is already busy when it starts: a 1-minute load average of at
+least ``BUSY_LOAD`` (set before torch loads its OpenMP runtime, unless the environment sets
+``OMP_WAIT_POLICY``). It uses as many threads as the CPUs this process may run on (its CPU affinity: a cluster
+job's allocation, a ``taskset`` mask). ``--threads N`` or ``OMP_NUM_THREADS`` override the count;
+``OMP_WAIT_POLICY=PASSIVE`` or ``ACTIVE`` force a policy.
 """
 
 from __future__ import annotations
@@ -13,11 +16,18 @@ from __future__ import annotations
 import os
 
 WAIT_POLICY = "PASSIVE"
+BUSY_LOAD = 0.5  # one other process running for most of the last minute
+
+
+def machine_is_busy() -> bool:
+    return hasattr(os, "getloadavg") and os.getloadavg()[0] >= BUSY_LOAD
 
 
 def set_wait_policy() -> None:
-    """Passive OpenMP waiting unless the environment says otherwise; effective only before torch is imported."""
-    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    """Passive OpenMP waiting on a busy machine unless the environment says otherwise; effective only before torch
+    is imported."""
+    if "OMP_WAIT_POLICY" not in os.environ and machine_is_busy():
+        os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
 
 
 def available_cpus() -> int:

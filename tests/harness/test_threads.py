@@ -12,8 +12,12 @@ import torch
 from harness import threads
 
 
-def test_wait_policy_defaults_to_passive_and_respects_the_environment(monkeypatch):
+def test_wait_policy_is_passive_on_a_busy_machine_only_and_respects_the_environment(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    threads.set_wait_policy()
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
     threads.set_wait_policy()
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
@@ -41,6 +45,7 @@ def test_thread_count_follows_the_affinity_mask_then_omp_num_threads_then_the_fl
 SPY = """
 import importlib.abc, os, sys
 os.environ.pop("OMP_WAIT_POLICY", None)
+os.getloadavg = lambda: (2.0, 2.0, 2.0)  # a busy machine
 seen = []
 
 
