@@ -39,8 +39,7 @@ def available_cpus() -> int:
 
 def configure_threads(threads: int | None) -> int:
     """Set torch's intra-op threads: ``threads``, else ``OMP_NUM_THREADS`` (torch reads it), else the available
-    CPUs. Returns the count in effect."""
-    set_wait_policy()
+    CPUs. Returns the count in effect. (The wait policy is the CLI's first step, before torch is imported.)"""
     import torch
 
     if threads is None and "OMP_NUM_THREADS" not in os.environ:

@@ -49,6 +49,19 @@ def _branch_conv(cfg: Any, num_branches: int, selection: Selection):
     return conv
 
 
+def _projection(conv, cfg: Any, selection: Selection, in_per_branch: int, out_per_branch: int, stride: int,
+                partial_in: int | None, partial_out: int | None) -> nn.Module | None:
+    """The downsampling shortcut (1x1 branch conv + switchable BN; 2-bit unless ``shortcut=full_precision``), or
+    None where the block keeps its width and resolution."""
+    if stride == 1 and in_per_branch == out_per_branch:
+        return None
+    return nn.Sequential(
+        tag(conv(in_per_branch, out_per_branch, 1, stride, partial_in, partial_out,
+                 quantized=cfg.shortcut == "quantized"), "shortcut"),
+        BranchSwitchableBatchNorm2d(out_per_branch, selection, partial_out),
+    )
+
+
 class MultiBranchBlock(nn.Module):
     """ResNet basic block of branch convs: conv-BN-ReLU-conv-BN plus shortcut, then ReLU, per branch.
 
@@ -68,13 +81,8 @@ class MultiBranchBlock(nn.Module):
         self.conv2 = conv(out_per_branch, out_per_branch, 3, 1, partial, partial_out)
         self.bn2 = BranchSwitchableBatchNorm2d(out_per_branch, selection, partial_out)
         self.relu2 = nn.ReLU()
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_per_branch != out_per_branch:
-            self.downsample = nn.Sequential(
-                tag(conv(in_per_branch, out_per_branch, 1, stride, partial_in, partial_out,
-                         quantized=cfg.shortcut == "quantized"), "shortcut"),
-                BranchSwitchableBatchNorm2d(out_per_branch, selection, partial_out),
-            )
+        self.downsample = _projection(conv, cfg, selection, in_per_branch, out_per_branch, stride, partial_in,
+                                      partial_out)
         self.shuffle = shuffle and self.downsample is not None
         self.in_per_branch, self.out_per_branch, self.partial_out = in_per_branch, out_per_branch, partial_out
 
@@ -109,13 +117,8 @@ class MultiBranchPreActBlock(nn.Module):
         self.bn2 = BranchSwitchableBatchNorm2d(out_per_branch, selection, partial)
         self.act2 = nn.ReLU()
         self.conv2 = conv(out_per_branch, out_per_branch, 3, 1, partial, partial_out)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_per_branch != out_per_branch:
-            self.shortcut = nn.Sequential(
-                tag(conv(in_per_branch, out_per_branch, 1, stride, partial_in, partial_out,
-                         quantized=cfg.shortcut == "quantized"), "shortcut"),
-                BranchSwitchableBatchNorm2d(out_per_branch, selection, partial_out),
-            )
+        self.shortcut = _projection(conv, cfg, selection, in_per_branch, out_per_branch, stride, partial_in,
+                                    partial_out)
         self.in_per_branch, self.partial_out = in_per_branch, partial_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

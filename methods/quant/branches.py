@@ -247,13 +247,11 @@ class BranchConv2d(BranchSwitchable, nn.Module):
                     lower, upper = torch.cat((lower, part_lower)), torch.cat((upper, part_upper))
                 self.act_lower[key].copy_(lower)
                 self.act_upper[key].copy_(upper)
-        if partial:
-            repeats = torch.tensor([self.in_per_branch] * count + [self.partial_in], device=x.device)
-            lower = self.act_lower[key].repeat_interleave(repeats).view(1, -1, 1, 1)
-            upper = self.act_upper[key].repeat_interleave(repeats).view(1, -1, 1, 1)
-        else:
-            lower = self.act_lower[key].repeat_interleave(self.in_per_branch).view(1, -1, 1, 1)
-            upper = self.act_upper[key].repeat_interleave(self.in_per_branch).view(1, -1, 1, 1)
+        # one bound pair per branch, spread over its input channels (the partial branch has partial_in of them)
+        repeats = (torch.tensor([self.in_per_branch] * count + [self.partial_in], device=x.device) if partial
+                   else self.in_per_branch)
+        lower = self.act_lower[key].repeat_interleave(repeats).view(1, -1, 1, 1)
+        upper = self.act_upper[key].repeat_interleave(repeats).view(1, -1, 1, 1)
         return quantize_activation(x, lower, upper, self.bits, self.backward_scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
