@@ -49,7 +49,8 @@ def runtime_options(command):
                      help="Hold in-memory data sets on the GPU and augment there (auto: on CUDA only)."),
         click.option("--threads", type=int, default=None,
                      help="CPU threads for torch (default: OMP_NUM_THREADS, else the CPUs this process may use; "
-                          "OpenMP waits passively unless OMP_WAIT_POLICY is set)."),
+                          "OpenMP waits passively only if other processes already keep the CPUs busy at start; "
+                          "OMP_WAIT_POLICY=ACTIVE or PASSIVE forces a policy)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -119,19 +120,23 @@ def _print(text: str) -> None:
                    "options (e.g. anyprecision,anyprecision:width=5). See `list methods`.")
 @click.option("--dataset", default="digits", show_default=True, help="Data set name (see `list datasets`).")
 @click.option("--data-root", default=None, help="Folder holding the data set files (default: per data set).")
-@click.option("--model", default="resnet20", show_default=True, help="Model name (see `list models`).")
-@click.option("--width", type=float, default=1.0, show_default=True, help="Channel width multiplier of the model.")
+@click.option("--model", default=None,
+              help="Model name (see `list models`). [default: resnet8 on digits, else resnet20]")
+@click.option("--width", type=float, default=None,
+              help="Channel width multiplier of the model. [default: 0.5 on digits, else 1.0]")
 @click.option("--bits", default="2,4,8", show_default=True,
               help="Bit-widths to train and evaluate (1..32; MBQuant needs 2 or more, 32 is full precision).")
 @click.option("--eval-bits", default=None,
               help="Bit-widths to evaluate after training (default: --bits); untrained ones only for methods that "
                    "support them (e.g. EMQ after BN adaptation).")
-@click.option("--epochs", type=int, default=20, show_default=True,
-              help="Training epochs (under --budget: the length the lr curve is shaped over).")
+@click.option("--epochs", type=int, default=None,
+              help="Training epochs (under --budget: the length the lr curve is shaped over). "
+                   "[default: 60 on digits, else 20]")
 @click.option("--budget", default=None,
               help="Equal-cost training: KIND=AMOUNT with KIND sample-passes or device-hours. Every method trains "
                    "until it has spent that much (its prepare phase included), its lr curve stretched to the budget.")
-@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True, help="Training batch size.")
+@click.option("--batch-size", type=int, default=None,
+              help="Training batch size. [default: 32 on digits, else 128]")
 @click.option("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size, show_default=True,
               help="Evaluation batch size.")
 @click.option("--optimizer", default=DEFAULTS.optimizer, show_default=True, help="sgd, adam or adamw.")
@@ -168,10 +173,16 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
             train_subset, test_subset, device, baseline, reference, out, quiet, executor, **kwargs) -> None:
     """Train every method under one identical schedule and print a table of top-1 per bit-width, storage and
     cost. Writes spec.json, env.json, log.csv, summary.csv, stats.csv, table.md/.tex, accuracy.png, pareto.png
-    and checkpoints. Under `torchrun --nproc_per_node N cli.py compare ...` training is data-parallel."""
+    and checkpoints. Under `torchrun --nproc_per_node N cli.py compare ...` training is data-parallel.
+    The model, width, epochs and batch size a flag does not set come from the data set's defaults (on digits:
+    resnet8 at width 0.5, 60 epochs, batch 32, which keep every method in its regime on two CPU cores)."""
     from harness.compare import run_comparison
 
+    from harness.recipes import resolve
+
     budget_kind, budget_amount = parse_budget(budget) if budget is not None else (None, None)
+    defaults = resolve(dataset, model=model, width=width, epochs=epochs, batch_size=batch_size)
+    model, width, epochs, batch_size = defaults["model"], defaults["width"], defaults["epochs"], defaults["batch_size"]
     runtime = _runtime_fields(kwargs)
     options = _executor_options(kwargs)
     schedule = Schedule(budget_kind=budget_kind, budget=budget_amount,

@@ -119,9 +119,11 @@ def stage_widths(width: float) -> tuple[int, int, int]:
 
 
 class CifarResNet(nn.Module):
-    """Three stages of three blocks (ResNet-20) on small images, global average pool, linear classifier."""
+    """Three stages of ``blocks_per_stage`` blocks on small images (He et al.'s CIFAR family, depth
+    ``6 n + 2``: 3 blocks ResNet-20, 1 block ResNet-8), global average pool, linear classifier."""
 
-    def __init__(self, num_classes: int, in_chans: int, mean, std, width: float = 1.0, preact: bool = False):
+    def __init__(self, num_classes: int, in_chans: int, mean, std, width: float = 1.0, preact: bool = False,
+                 blocks_per_stage: int = 3):
         super().__init__()
         widths = stage_widths(width)
         self.input_norm = InputNorm(mean, std)
@@ -130,7 +132,7 @@ class CifarResNet(nn.Module):
         blocks: list[nn.Module] = []
         in_width = widths[0]
         for stage, out_width in enumerate(widths):
-            for index in range(3):
+            for index in range(blocks_per_stage):
                 stride = 2 if stage > 0 and index == 0 else 1
                 blocks.append(PreActBlock(in_width, out_width, stride) if preact else
                               BasicBlock(in_width, out_width, stride))
@@ -280,13 +282,15 @@ ModelFactory = Callable[..., nn.Module]
 MODELS: dict[str, ModelFactory] = {
     "resnet20": lambda **kw: CifarResNet(preact=False, **kw),
     "preact_resnet20": lambda **kw: CifarResNet(preact=True, **kw),
+    # ResNet-20's shallowest sibling: a third of its layers, for CPU-sized defaults on 8x8 digits
+    "resnet8": lambda **kw: CifarResNet(preact=False, blocks_per_stage=1, **kw),
     "resnet18": ResNet18,
     "mobilenetv1": MobileNetV1,
     "deit_tiny": DeiTTiny,
 }
 NEEDS_IMAGE_SIZE = ("deit_tiny",)
 USES_IMAGE_SIZE = ("deit_tiny", "resnet18", "mobilenetv1")
-CONVOLUTIONAL_MODELS = ("resnet20", "preact_resnet20", "resnet18", "mobilenetv1")
+CONVOLUTIONAL_MODELS = ("resnet8", "resnet20", "preact_resnet20", "resnet18", "mobilenetv1")
 
 
 def list_models() -> list[str]:

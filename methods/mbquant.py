@@ -34,7 +34,7 @@ paper's formulas and a reading of the authors' code (zysxmu/MultiQuant).
   resnet20 only the active branches' slices of it and of its BN), the FC, ``b``'s BN, and the active branches'
   bounds. The whole set: every branch (``2G`` bits per base weight), every bit-width's BN and activation bounds.
 
-Supported: ``resnet20``, ``preact_resnet20`` (not in the paper: pre-activation branch blocks and a final
+Supported: ``resnet8`` (ResNet-20 with one block per stage, not in the paper), ``resnet20``, ``preact_resnet20`` (not in the paper: pre-activation branch blocks and a final
 per-bit-width BN before the branch mean, by analogy), ``resnet18`` and ``mobilenetv1``; bit-widths 2..16. The
 branch network follows the harness topology (:mod:`harness.topology`): its layers carry the sites' names and
 are checked against the full-precision model's shapes at build time. Documentation: ``docs/methods/mbquant.md``.
@@ -87,7 +87,7 @@ from methods.quant.modules import set_model_bits
 
 MAX_BITS = 16
 DEFAULT_INIT_BATCH = 128
-SUPPORTED_MODELS = ("resnet20", "preact_resnet20", "resnet18", "mobilenetv1")
+SUPPORTED_MODELS = ("resnet8", "resnet20", "preact_resnet20", "resnet18", "mobilenetv1")
 
 
 @dataclass(frozen=True)

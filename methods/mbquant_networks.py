@@ -213,16 +213,17 @@ def _odd(selection: Selection) -> bool:
 
 
 def multi_branch_resnet20(num_classes: int, data_info: Any, width: float, num_branches: int, selection: Selection,
-                          cfg: Any) -> MultiBranchNetwork:
+                          cfg: Any, blocks_per_stage: int = 3) -> MultiBranchNetwork:
     """CIFAR ResNet-20 (16/32/64 x width per branch): every branch has its own slice of the full-precision
-    3x3 stem (in -> 16G) and of one plain BN shared by all bit-widths."""
+    3x3 stem (in -> 16G) and of one plain BN shared by all bit-widths. ``blocks_per_stage=1``: ResNet-8, the same
+    network with one block per stage (not in the paper; the harness's CPU-sized ``resnet8``)."""
     widths = stage_widths(width)
     partials = partial_widths(widths, RESNET20_PARTIAL, width) if _odd(selection) else None
     stem_partial = widths[0] if partials else None
     stem = nn.Sequential(BranchStemConv2d(data_info.in_chans, widths[0], 3, num_branches, selection, stem_partial),
                          SharedBranchBatchNorm2d(widths[0], num_branches, selection, stem_partial), nn.ReLU())
-    blocks = _resnet_blocks(MultiBranchBlock, widths, partials, stem_partial, 3, num_branches, selection, cfg,
-                            bool(cfg.shuffle))
+    blocks = _resnet_blocks(MultiBranchBlock, widths, partials, stem_partial, blocks_per_stage, num_branches,
+                            selection, cfg, bool(cfg.shuffle))
     return MultiBranchNetwork(stem=stem, blocks=blocks, out_per_branch=widths[-1], num_classes=num_classes,
                               mean=data_info.mean, std=data_info.std, num_branches=num_branches, selection=selection)
 
@@ -292,5 +293,11 @@ def multi_branch_mobilenetv1(num_classes: int, data_info: Any, width: float, num
                               residual=False)
 
 
-BUILDERS = {"resnet20": multi_branch_resnet20, "preact_resnet20": multi_branch_preact_resnet20,
+def multi_branch_resnet8(num_classes: int, data_info: Any, width: float, num_branches: int, selection: Selection,
+                         cfg: Any) -> MultiBranchNetwork:
+    """ResNet-8: :func:`multi_branch_resnet20` with one block per stage."""
+    return multi_branch_resnet20(num_classes, data_info, width, num_branches, selection, cfg, blocks_per_stage=1)
+
+
+BUILDERS = {"resnet8": multi_branch_resnet8, "resnet20": multi_branch_resnet20, "preact_resnet20": multi_branch_preact_resnet20,
             "resnet18": multi_branch_resnet18, "mobilenetv1": multi_branch_mobilenetv1}

@@ -14,6 +14,20 @@ from harness import threads
 
 def test_wait_policy_is_passive_on_a_busy_machine_only_and_respects_the_environment(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.1)
+    threads.set_wait_policy()
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.9)
+    threads.set_wait_policy()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    threads.set_wait_policy()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_without_proc_stat_the_load_average_decides(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(threads, "PROC_STAT", "/nonexistent/stat")
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     threads.set_wait_policy()
     assert "OMP_WAIT_POLICY" not in os.environ
@@ -23,6 +37,31 @@ def test_wait_policy_is_passive_on_a_busy_machine_only_and_respects_the_environm
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     threads.set_wait_policy()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+STAT_BEFORE = """cpu  900 0 900 900 0 0 0 0 0 0
+cpu0 100 0 100 700 100 0 0 0 0 0
+cpu1 200 10 90 600 0 5 5 0 0 0
+cpu2 500 0 500 0 0 0 0 0 0 0
+intr 12345
+"""
+STAT_AFTER = """cpu  990 0 990 990 0 0 0 0 0 0
+cpu0 130 0 120 720 130 0 0 0 0 0
+cpu1 200 10 90 700 0 5 5 0 0 0
+cpu2 900 0 900 0 0 0 0 0 0 0
+intr 12399
+"""
+
+
+def test_busy_cores_counts_the_sampled_cpus_busy_share_exactly(monkeypatch, tmp_path):
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(threads, "PROC_STAT", str(stat))
+    monkeypatch.setattr(threads, "_affinity", lambda: {0, 1})  # cpu2 (fully busy) is not ours
+    stat.write_text(STAT_BEFORE)
+    assert threads.cpu_jiffies({0, 1}) == (100 + 100 + 200 + 10 + 90 + 5 + 5, 1000 + 910)
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: stat.write_text(STAT_AFTER))
+    # cpu0: 50 busy of 100 (idle and iowait do not count), cpu1: 0 of 100 -> 2 CPUs x 50 / 200
+    assert threads.busy_cores() == 0.5
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this platform")
@@ -45,7 +84,8 @@ def test_thread_count_follows_the_affinity_mask_then_omp_num_threads_then_the_fl
 SPY = """
 import importlib.abc, os, sys
 os.environ.pop("OMP_WAIT_POLICY", None)
-os.getloadavg = lambda: (2.0, 2.0, 2.0)  # a busy machine
+from harness import threads
+threads.busy_cores = lambda: 2.0  # a busy machine
 seen = []
 
 

@@ -48,7 +48,7 @@ def test_bits_are_2_to_16_and_odd_ones_need_the_partial_branch():
 
 def test_other_models_are_a_one_line_config_error(synthetic):
     with pytest.raises(ConfigError, match="mbquant does not support model 'deit_tiny'; it supports: "
-                                          "resnet20, preact_resnet20, resnet18, mobilenetv1$"):
+                                          "resnet8, resnet20, preact_resnet20, resnet18, mobilenetv1$"):
         get_method("mbquant")().check_model("deit_tiny")
 
 

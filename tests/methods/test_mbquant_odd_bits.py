@@ -40,7 +40,7 @@ def read_mask(conv: BranchConv2d, bits: int) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("model", ["resnet20", "preact_resnet20", "resnet18", "mobilenetv1"])
+@pytest.mark.parametrize("model", ["resnet8", "resnet20", "preact_resnet20", "resnet18", "mobilenetv1"])
 def test_odd_bits_read_exactly_their_branches_and_partial_slice(synthetic, model):
     """Zeroing every weight outside the selected slices leaves the output unchanged; zeroing one inside the partial
     slice changes it."""

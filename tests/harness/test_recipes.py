@@ -1,0 +1,55 @@
+"""Per-data-set defaults of ``compare``: digits gets its CPU-sized recipe, other sets the generic one, flags win."""
+
+from __future__ import annotations
+
+import pytest
+
+import cli
+from harness import compare as compare_module
+from harness.models import create_model
+from harness.recipes import GENERIC, default_recipe, resolve
+
+
+def test_digits_has_its_own_recipe_and_every_other_set_the_generic_one():
+    digits = default_recipe("digits")
+    assert (digits.model, digits.width, digits.epochs, digits.batch_size) == ("resnet8", 0.5, 60, 32)
+    assert default_recipe("fashion-mnist") == GENERIC
+    assert (GENERIC.model, GENERIC.width, GENERIC.epochs, GENERIC.batch_size) == ("resnet20", 1.0, 20, 128)
+
+
+def test_a_given_value_wins_over_the_recipe():
+    assert resolve("digits", model=None, epochs=3) == {"model": "resnet8", "epochs": 3}
+    assert resolve("cifar10", width=None, batch_size=None) == {"width": 1.0, "batch_size": 128}
+
+
+def capture_spec(monkeypatch, args):
+    seen = {}
+
+    def fake_run(spec, out, **kwargs):
+        seen["spec"] = spec
+        return None, "table"
+
+    monkeypatch.setattr(compare_module, "run_comparison", fake_run)
+    assert cli.run(["compare", "--quiet", *args]) == 0
+    return seen["spec"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    ([], ("resnet8", 0.5, 60, 32)),
+    (["--model", "resnet20", "--epochs", "5"], ("resnet20", 0.5, 5, 32)),
+    (["--dataset", "fashion-mnist"], ("resnet20", 1.0, 20, 128)),
+    (["--dataset", "fashion-mnist", "--width", "0.25", "--batch-size", "64"], ("resnet20", 0.25, 20, 64)),
+])
+def test_compare_resolves_the_flags_left_out_from_the_data_set(monkeypatch, tmp_path, args, expected):
+    spec = capture_spec(monkeypatch, [*args, "--out", str(tmp_path / "out")])
+    assert (spec.model, spec.width, spec.schedule.epochs, spec.schedule.batch_size) == expected
+
+
+def test_resnet8_is_resnet20_with_one_block_per_stage():
+    kwargs = dict(num_classes=10, in_chans=1, mean=(0.5,), std=(0.25,))
+    shallow, deep = create_model("resnet8", **kwargs), create_model("resnet20", **kwargs)
+    assert len(shallow.blocks) == 3 and len(deep.blocks) == 9
+    convs = [m for m in shallow.modules() if type(m).__name__ == "Conv2d"]
+    # stem, two convs per block, and the two 1x1 projections of the downsampling blocks
+    assert len(convs) == 1 + 2 * 3 + 2
+    assert [b.conv1.stride[0] for b in shallow.blocks] == [1, 2, 2]
