@@ -139,16 +139,20 @@ def _print(text: str) -> None:
               help="Training batch size. [default: 32 on digits, else 128]")
 @click.option("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size, show_default=True,
               help="Evaluation batch size.")
-@click.option("--optimizer", default=DEFAULTS.optimizer, show_default=True, help="sgd, adam or adamw.")
-@click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True, help="Base learning rate.")
-@click.option("--lr-schedule", default=DEFAULTS.lr_schedule, show_default=True,
-              help="cosine, step, onecycle or constant (per iteration).")
+@click.option("--optimizer", default=None,
+              help="sgd, adam or adamw. Leaving out all of --optimizer, --lr, --lr-schedule, --momentum, "
+                   "--weight-decay and --warmup-epochs picks the model family's recipe (ResNets: SGD lr 0.05 cosine; "
+                   "deit_tiny: AdamW lr 5e-4 x batch/512, weight decay 0.05, warm-up, cosine); giving any of them "
+                   "leaves the others at the generic defaults shown.  [default: sgd]")
+@click.option("--lr", type=float, default=None, help=f"Base learning rate.  [default: {DEFAULTS.lr}]")
+@click.option("--lr-schedule", default=None,
+              help=f"cosine, step, onecycle or constant (per iteration).  [default: {DEFAULTS.lr_schedule}]")
 @click.option("--milestones", default="", help="Epochs where the step schedule multiplies the lr by --gamma.")
 @click.option("--gamma", type=float, default=DEFAULTS.gamma, show_default=True, help="Step schedule factor.")
-@click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True, help="SGD momentum.")
-@click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay, show_default=True, help="Weight decay.")
-@click.option("--warmup-epochs", type=int, default=DEFAULTS.warmup_epochs, show_default=True,
-              help="Linear warm-up epochs.")
+@click.option("--momentum", type=float, default=None, help=f"SGD momentum.  [default: {DEFAULTS.momentum}]")
+@click.option("--weight-decay", type=float, default=None, help=f"Weight decay.  [default: {DEFAULTS.weight_decay}]")
+@click.option("--warmup-epochs", type=int, default=None,
+              help=f"Linear warm-up epochs.  [default: {DEFAULTS.warmup_epochs}]")
 @click.option("--no-augment", is_flag=True, help="Turn off the data set's standard training augmentation.")
 @click.option("--seeds", "--seed", "seeds", default="0", show_default=True,
               help="Seed, or comma-separated seeds (each method runs once per seed).")
@@ -177,19 +181,19 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
     The model, width, epochs and batch size a flag does not set come from the data set's defaults (on digits:
     resnet8 at width 0.5, 60 epochs, batch 32, which keep every method in its regime on two CPU cores)."""
     from harness.compare import run_comparison
-
-    from harness.recipes import resolve
+    from harness.recipes import resolve, resolve_optimizer
 
     budget_kind, budget_amount = parse_budget(budget) if budget is not None else (None, None)
     defaults = resolve(dataset, model=model, width=width, epochs=epochs, batch_size=batch_size)
     model, width, epochs, batch_size = defaults["model"], defaults["width"], defaults["epochs"], defaults["batch_size"]
+    optimizer_settings = resolve_optimizer(model, epochs, batch_size, optimizer=optimizer, lr=lr,
+                                           lr_schedule=lr_schedule, momentum=momentum, weight_decay=weight_decay,
+                                           warmup_epochs=warmup_epochs)
     runtime = _runtime_fields(kwargs)
     options = _executor_options(kwargs)
     schedule = Schedule(budget_kind=budget_kind, budget=budget_amount,
-        epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, optimizer=optimizer, lr=lr,
-        momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule,
-        milestones=_parse_ints(milestones, "--milestones"), gamma=gamma, warmup_epochs=warmup_epochs,
-        augment=not no_augment)
+        epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
+        milestones=_parse_ints(milestones, "--milestones"), gamma=gamma, augment=not no_augment, **optimizer_settings)
     method_specs = tuple(m.strip() for m in methods.split(","))
     if any(not m for m in method_specs):
         raise ConfigError(f"--methods has an empty entry: {methods!r}")
@@ -341,6 +345,29 @@ def report(run_dirs, baseline, allow_mixed, out) -> None:
         raise MbqError("several run folders: pass --out for the combined tables")
     check_writable_dir(target)
     click.echo(write_reports(target, records, order, baseline, allow_mixed))
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--method", "method_spec", required=True, help="Method spec of the cell, as in the run's --methods.")
+@click.option("--bits", required=True,
+              help="A bit-width the cell was evaluated at, or 'all': its whole switchable set (MBQuant's branches, "
+                   "AdaBits' highest-bit codes once, the latent weights of DoReFa methods, every dedicated network).")
+@click.option("--seed", type=int, default=None, help="Seed of the cell (default: the run's first seed).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .safetensors file to write.")
+def export_command(run_dir, method_spec, bits, seed, out) -> None:
+    """Write what deploying a trained cell at --bits needs to a safetensors file: integer codes packed at their
+    bit-width, per-layer constants, that bit-width's BN, full-precision layers, and a JSON header (method, model,
+    bits, data normalization). Its tensor payload equals the cell's storage_mb (storage_total_mb for 'all');
+    harness.export.load_exported rebuilds the network from the file alone."""
+    from harness.cells import export_cell, parse_export_bits
+
+    header = export_cell(run_dir, method_spec.strip(), parse_export_bits(bits), out, seed)
+    recorded = header["record_storage_bytes"]
+    note = "" if recorded == header["payload_bytes"] else (
+        f" (the record says {recorded}: it was counted by an older storage rule; `report` does not recount it)")
+    click.echo(f"{out}: {method_spec} seed {header['source']['seed']} at {header['bits']} bits, "
+               f"payload {header['payload_bytes']} bytes = {header['payload_bytes'] / 1e6:.6f} MB{note}")
 
 
 def run(argv: list[str] | None = None) -> int:

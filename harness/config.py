@@ -127,6 +127,8 @@ class Schedule(JsonConfig):
     augment: bool = True
     budget_kind: str | None = None
     budget: float | None = None
+    # the named default recipe the optimizer settings came from (harness.recipes); "" when they were set explicitly
+    recipe: str = ""
 
     def __post_init__(self) -> None:
         # Messages name the command-line flags: that is where a user set (or can set) each field.

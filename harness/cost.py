@@ -3,7 +3,8 @@
 Storage is counted, not measured: each layer that implements ``storage_bits(bits)`` /
 ``storage_bits_total(bits_set)`` (see :mod:`methods.quant.modules`) reports its own; any other leaf layer
 counts its parameters and floating-point buffers at 32 bits (BN running statistics included, integer step
-counters excluded).
+counters excluded). ``python cli.py export`` writes exactly what these rules count (:mod:`harness.export`), so
+the storage columns equal the payload of a real artifact.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ FLOAT_BITS = 32
 PHASES = ("prepare", "train", "finalize", "eval")
 
 
+def plain_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a layer without its own storage rule stores, by name: its parameters and its persistent
+    floating-point buffers (BN running statistics included, integer step counters excluded), 32 bits each.
+    :mod:`harness.export` writes exactly these for such a layer."""
+    tensors = dict(module.named_parameters(recurse=False))
+    tensors.update((name, b) for name, b in module.named_buffers(recurse=False)
+                   if b.is_floating_point() and name not in module._non_persistent_buffers_set)
+    return tensors
+
+
 def _plain_bits(module: nn.Module) -> int:
-    tensors = list(module.parameters(recurse=False)) + [
-        b for name, b in module.named_buffers(recurse=False)
-        if b.is_floating_point() and name not in module._non_persistent_buffers_set
-    ]
-    return sum(t.numel() * FLOAT_BITS for t in tensors)
+    return sum(t.numel() * FLOAT_BITS for t in plain_tensors(module).values())
 
 
 def _walk(module: nn.Module, count) -> int:

@@ -3,7 +3,9 @@
 The harness calls, in order: ``build`` -> ``param_groups`` -> ``prepare`` (a timed phase of its own) ->
 per epoch ``epoch_indices`` -> per step ``train_step`` (the method runs forward/backward; the harness zeroes
 the gradients before and steps the optimizers after) -> ``finalize`` (a timed phase) -> ``set_bits`` and
-evaluation per bit-width -> ``storage`` / ``storage_total``. Everything else (data, schedule, seeds, timing,
+evaluation per bit-width -> ``storage`` / ``storage_total``. ``cli.py export`` writes ``export_tensors`` /
+``export_tensors_total`` (their payload is what ``storage`` / ``storage_total`` count) and its loader calls
+``load_exported`` / ``load_exported_total`` (:mod:`harness.export`). Everything else (data, schedule, seeds, timing,
 records) belongs to the harness, so two methods differ only in their quantization semantics.
 """
 
@@ -151,12 +153,38 @@ class Method:
         set_model_bits(model, bits)
 
     def storage(self, model: nn.Module, bits: int) -> int:
-        """Bytes to store for deployment at ``bits`` (analytic count, see :mod:`harness.cost`)."""
+        """Bytes to store for deployment at ``bits``: counted by :mod:`harness.cost`, equal to the tensor payload
+        :meth:`export_tensors` writes (:mod:`harness.export`)."""
         return storage_bits_of(model, bits) // 8
 
     def storage_total(self, model: nn.Module, bits: tuple[int, ...]) -> int:
         """Bytes to store to serve every bit-width in ``bits`` from one artifact."""
         return storage_bits_total_of(model, bits) // 8
+
+    # -- export (harness.export: the artifact whose payload ``storage`` / ``storage_total`` count) ---------------------
+    def export_tensors(self, model: nn.Module, bits: int) -> dict[str, Any]:
+        """The tensors deploying ``model`` at ``bits`` stores (name -> float tensor or ``harness.export.Codes``)."""
+        from harness.export import export_model
+
+        return export_model(model, bits)
+
+    def export_tensors_total(self, model: nn.Module, bits: tuple[int, ...]) -> dict[str, Any]:
+        """The tensors serving every bit-width in ``bits`` from one artifact."""
+        from harness.export import export_model_total
+
+        return export_model_total(model, bits)
+
+    def load_exported(self, model: nn.Module, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        """Make a freshly built ``model`` serve ``bits`` from what :meth:`export_tensors` wrote (codes unpacked)."""
+        from harness.export import load_model
+
+        load_model(model, tensors, bits)
+
+    def load_exported_total(self, model: nn.Module, tensors: dict[str, torch.Tensor], bits: tuple[int, ...]) -> None:
+        """Make a freshly built ``model`` serve every bit-width in ``bits`` from :meth:`export_tensors_total`'s."""
+        from harness.export import load_model_total
+
+        load_model_total(model, tensors, bits)
 
     # -- resumable state ------------------------------------------------------------------------------------
     def resume_note(self) -> str | None:

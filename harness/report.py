@@ -186,9 +186,12 @@ def caption(records: Sequence[dict[str, Any]]) -> str:
               if sched.get("budget") is not None else f"{sched['epochs']} epochs")
     few_seeds = (" With 2 seeds the bootstrap interval is the range of the two values, not a 95% interval: use 3 "
                  "or more seeds for intervals." if len(seeds) == 2 else "")
+    warmup = f", {sched['warmup_epochs']} warm-up epochs" if sched.get("warmup_epochs") else ""
+    recipe = f" (the {sched['recipe']} recipe)" if sched.get("recipe") else ""
     return (f"{first['dataset']} / {first['model']}{subset}; {length}, {sched['optimizer']} "
-            f"lr {sched['lr']} {sched['lr_schedule']}, batch {sched['batch_size']}{amp}; seeds {seeds}; "
-            f"device {devices}.{budget} Top-1 on the test split; storage counted analytically. "
+            f"lr {sched['lr']:g} {sched['lr_schedule']}{warmup}{recipe}, batch {sched['batch_size']}{amp}; "
+            f"seeds {seeds}; "
+            f"device {devices}.{budget} Top-1 on the test split; storage: the tensor payload `cli.py export` writes. "
             f"With several seeds: mean ± std; '~' marks a cell whose 95% bootstrap interval overlaps the best "
             f"method's at that bit-width (a difference within the noise). 'passes vs fewest' normalizes the "
             f"training work (forward+backward sample-passes) by the cheapest method's.{few_seeds}{reference}")

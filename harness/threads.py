@@ -8,9 +8,10 @@ mbqbench waits passively only when the machine is already busy when it starts: o
 ``BUSY_CORES`` of this process's CPUs busy over a short sample of ``/proc/stat`` taken before torch loads its
 OpenMP runtime (unless the environment sets ``OMP_WAIT_POLICY``). The sample is instantaneous on purpose: the
 1-minute load average still counts a run that has just finished, so back-to-back runs on an idle machine would
-wait passively and run at half speed. Where ``/proc/stat`` is missing the load average decides. It uses as many threads as the CPUs this process may run on (its CPU affinity: a cluster
-job's allocation, a ``taskset`` mask). ``--threads N`` or ``OMP_NUM_THREADS`` override the count;
-``OMP_WAIT_POLICY=PASSIVE`` or ``ACTIVE`` force a policy.
+wait passively and run at half speed. Where ``/proc/stat`` is missing the load average decides. It uses as many
+threads as the CPUs this process may run on (its CPU affinity: a cluster job's allocation, a ``taskset`` mask).
+``--threads N`` or ``OMP_NUM_THREADS`` override the count; ``OMP_WAIT_POLICY=PASSIVE`` or ``ACTIVE`` force a
+policy.
 """
 
 from __future__ import annotations

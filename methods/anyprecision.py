@@ -18,7 +18,8 @@ Documentation: ``docs/methods/anyprecision.md``.
 
 Choices where the sources leave room (each a config option): ``full_precision_act`` ("relu", the code; "clamp",
 the paper); ``total_storage`` ("latent": the switchable set stores the 32-bit latent weights, because DoReFa's
-grids do not nest; "highest": count one weight copy at the highest trained bit-width instead);
+grids do not nest; "highest": count one weight copy at the highest trained bit-width instead, a figure no single
+artifact serves, so ``cli.py export --bits all`` refuses it);
 ``fp_shortcut`` (above). Measured before the topology was shared (digits, post-activation ResNet-20, bits 2/32,
 15 epochs): the full-precision shortcut with a shared BN cost 20 points at 2 bits (61.7 vs 81.9 %) because the
 shared shortcut BN sees quantized and full-precision activations.

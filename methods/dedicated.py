@@ -7,7 +7,8 @@ Each bit-width gets its own copy of the network, quantized with the same DoReFa 
 same full-precision initialization, see the same batches and follow the harness's quantized topology (options as
 in :mod:`methods.anyprecision`, ``fp_shortcut`` included); their parameters are disjoint, so training them in
 one loop with one optimizer is the same as training them one after the other, and the measured cost is the sum
-over bit-widths. Storage at b bits is that network's; the switchable "set" is all networks together.
+over bit-widths. Storage at b bits is that network's; the switchable "set" is all networks together (their bits
+summed, then rounded down to bytes); an export holds exactly those networks (:mod:`harness.export`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness.config import MethodConfig, check_positive
 from harness.cost import storage_bits_of
 from harness.errors import ConfigError
+from harness.export import export_model, load_model, take_prefixed, with_prefix
 from harness.method import Batch, Method, RunContext
 from harness.models import CONVOLUTIONAL_MODELS
 from harness.registry import register_method
@@ -100,4 +103,26 @@ class Dedicated(Method):
         return storage_bits_of(model.network(bits), bits) // 8
 
     def storage_total(self, model: nn.Module, bits: tuple[int, ...]) -> int:
-        return sum(self.storage(model, b) for b in bits)
+        # bits summed over the networks, then rounded down to bytes once: the payload of one artifact holding them all
+        return sum(storage_bits_of(model.network(b), b) for b in bits) // 8
+
+    # -- export: network b at b bits; the whole set is every network at its own bit-width ----------------------
+    def export_tensors(self, model: nn.Module, bits: int) -> dict[str, Any]:
+        return with_prefix(f"networks.{bits}.", export_model(model.network(bits), bits))
+
+    def export_tensors_total(self, model: nn.Module, bits: tuple[int, ...]) -> dict[str, Any]:
+        return {name: value for b in bits for name, value in self.export_tensors(model, b).items()}
+
+    def load_exported(self, model: nn.Module, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        tensors = dict(tensors)
+        load_model(model.network(bits), take_prefixed(tensors, f"networks.{bits}."), bits)
+        if tensors:
+            raise ConfigError(f"the file holds tensors outside the {bits}-bit network, e.g. {sorted(tensors)[0]!r}")
+
+    def load_exported_total(self, model: nn.Module, tensors: dict[str, torch.Tensor], bits: tuple[int, ...]) -> None:
+        tensors = dict(tensors)
+        for b in bits:
+            load_model(model.network(b), take_prefixed(tensors, f"networks.{b}."), b)
+        if tensors:
+            raise ConfigError(f"the file holds tensors outside the networks of bits {list(bits)}, e.g. "
+                              f"{sorted(tensors)[0]!r}")

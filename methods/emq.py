@@ -63,9 +63,11 @@ Choices the sources leave open (UNRESOLVED), each a config option with its defau
   training batch (the LSQ paper); a bit-width never trained gets the same initialization from the first
   adaptation batch in ``finalize``; 1 bit is refused (signed LSQ has no 1-bit form).
 
-Storage: DoReFa and StatsQ grids do not nest, so the switchable set stores the 32-bit latent weights; at b bits
-the integer codes plus the per-layer constants (with bias correction a fused scale and offset), BN with shared
-gamma/beta counted once and running statistics per bit-width.
+Storage: DoReFa and StatsQ grids do not nest, so the switchable set stores the 32-bit latent weights; at b < 32
+bits the integer codes plus the quantizer's constants (DoReFa's E per layer, StatsQ's scale per output row) and,
+with bias correction, Eq. 2's scale and shift (per layer or per output channel); at 32 bits the 32-bit weights
+alone; BN with shared gamma/beta counted once and running statistics per bit-width. ``cli.py export`` writes
+exactly these (:mod:`harness.export`).
 """
 
 from __future__ import annotations
@@ -162,10 +164,8 @@ class EMQ(Method):
         bn_mode = "shared" if cfg.shared_bn else "separate"
 
         def conv_constants(conv: nn.Conv2d) -> int:
-            # DoReFa stores E; bias correction turns E (2q - 1) into a fused scale and offset.
-            if cfg.bias_correction == "off":
-                return 1
-            return 2 if cfg.bias_correction == "per_layer" else 2 * conv.out_channels
+            # DoReFa stores E; bias correction adds Eq. 2's scale and shift (methods.quant.weight_codes).
+            return 1 + self._correction_constants(conv.out_channels)
 
         def layer(conv: nn.Conv2d, site: Site) -> nn.Module:
             weight = quantizer if site.quantize_weight else None
@@ -183,11 +183,21 @@ class EMQ(Method):
         if 1 in bits or self.cfg.act_bits == 1:
             raise ConfigError("emq on a ViT quantizes activations with signed LSQ, which has no 1-bit form; "
                               "drop 1 from --bits")
-        # StatsQ stores a scale per output row; bias correction adds a fused offset per row.
-        per_output = 1 if self.cfg.bias_correction == "off" else 2
+        # StatsQ stores a scale per output row; bias correction adds Eq. 2's scale and shift.
         return quantize_vit(model, declare_topology(model, model_name),
                             weight_quantizer=self._weight_quantizer(statsq_weight), bits=max(bits),
-                            act_bits=self.cfg.act_bits, scales_per_output=per_output)
+                            act_bits=self.cfg.act_bits,
+                            constants_of=lambda linear: linear.out_features + self._correction_constants(
+                                linear.out_features))
+
+    def _correction_constants(self, out_channels: int) -> int:
+        """32-bit constants of Eq. 2 a layer with ``out_channels`` outputs stores: its scale and shift, per layer or
+        per output channel (none without bias correction). Deployment keeps them apart from the quantizer's own
+        constants because folding them into one affine map rounds differently from the forward pass, and one
+        rounding difference can move an activation across a quantization step."""
+        if self.cfg.bias_correction == "off":
+            return 0
+        return 2 if self.cfg.bias_correction == "per_layer" else 2 * out_channels
 
     # -- training -----------------------------------------------------------------------------------------------
     def _teacher(self, model: nn.Module, teacher_bits: int, teacher_batch: Batch, teacher_logits: torch.Tensor,

@@ -30,12 +30,15 @@ paper's formulas and a reading of the authors' code (zysxmu/MultiQuant).
   softmax is the teacher ``p``; every other ``b``: ``(soft-CE(z_b, p) + CE(z_b, y)) / 2``; backward each.
 * Optimizers: model weights follow the harness schedule; the bounds are a group with Adam, lr ``quant_lr``
   (1e-4), no weight decay; the harness scales both by the same schedule curve (cosine in the paper).
-* Storage at ``b``: the ``b / 2`` active branches' 2-bit weights (``b`` bits per base weight), the FP stem (for
-  resnet20 only the active branches' slices of it and of its BN), the FC, ``b``'s BN, and the active branches'
-  bounds. The whole set: every branch (``2G`` bits per base weight), every bit-width's BN and activation bounds.
+* Storage at ``b``: the ``b / 2`` active branches' 2-bit weight codes (``b`` bits per base weight), the FP stem
+  (for resnet20 only the active branches' slices of it and of its BN), the FC, ``b``'s BN, and the active
+  branches' activation bounds (no weight bounds: the levels are fixed, so the codes alone give the weights). The
+  whole set: every branch (``2G`` bits per base weight; per window position with ``bounds_by=position``), every
+  partial slice's own codes, every bit-width's BN and activation bounds (what ``cli.py export`` writes).
 
-Supported: ``resnet8`` (ResNet-20 with one block per stage, not in the paper), ``resnet20``, ``preact_resnet20`` (not in the paper: pre-activation branch blocks and a final
-per-bit-width BN before the branch mean, by analogy), ``resnet18`` and ``mobilenetv1``; bit-widths 2..16. The
+Supported: ``resnet8`` (ResNet-20 with one block per stage, not in the paper), ``resnet20``,
+``preact_resnet20`` (not in the paper: pre-activation branch blocks and a final per-bit-width BN before the branch
+mean, by analogy), ``resnet18`` and ``mobilenetv1``; bit-widths 2..16. The
 branch network follows the harness topology (:mod:`harness.topology`): its layers carry the sites' names and
 are checked against the full-precision model's shapes at build time. Documentation: ``docs/methods/mbquant.md``.
 

@@ -299,5 +299,6 @@ def multi_branch_resnet8(num_classes: int, data_info: Any, width: float, num_bra
     return multi_branch_resnet20(num_classes, data_info, width, num_branches, selection, cfg, blocks_per_stage=1)
 
 
-BUILDERS = {"resnet8": multi_branch_resnet8, "resnet20": multi_branch_resnet20, "preact_resnet20": multi_branch_preact_resnet20,
-            "resnet18": multi_branch_resnet18, "mobilenetv1": multi_branch_mobilenetv1}
+BUILDERS = {"resnet8": multi_branch_resnet8, "resnet20": multi_branch_resnet20,
+            "preact_resnet20": multi_branch_preact_resnet20, "resnet18": multi_branch_resnet18,
+            "mobilenetv1": multi_branch_mobilenetv1}

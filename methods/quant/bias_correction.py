@@ -37,9 +37,10 @@ def _stat_dims(weight: torch.Tensor, granularity: Granularity) -> tuple[int, ...
     return tuple(range(1, weight.dim()))  # dim 0 is the output channel of Conv2d and Linear weights
 
 
-def bias_correct(quantized: torch.Tensor, reference: torch.Tensor,
-                 granularity: Granularity = "per_layer") -> torch.Tensor:
-    """Eq. 2: ``sqrt(V[w] / V[w_q]) * (w_q + (E[w] - E[w_q]))`` element-wise, statistics without gradient."""
+def correction_coefficients(quantized: torch.Tensor, reference: torch.Tensor,
+                            granularity: Granularity = "per_layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2's ``(sqrt(V[w] / V[w_q]), E[w] - E[w_q])``, without gradient, shaped to broadcast against the weight
+    (one value per layer, or one per output channel)."""
     dims = _stat_dims(quantized, granularity)
     with torch.no_grad():
         mean_ref = reference.mean(dim=dims, keepdim=True)
@@ -48,7 +49,13 @@ def bias_correct(quantized: torch.Tensor, reference: torch.Tensor,
         var_q = quantized.var(dim=dims, correction=0, keepdim=True)
         scale = torch.where(var_q > MIN_VARIANCE, torch.sqrt(var_ref / var_q.clamp_min(MIN_VARIANCE)),
                             torch.ones_like(var_q))
-        shift = mean_ref - mean_q
+        return scale, mean_ref - mean_q
+
+
+def bias_correct(quantized: torch.Tensor, reference: torch.Tensor,
+                 granularity: Granularity = "per_layer") -> torch.Tensor:
+    """Eq. 2: ``sqrt(V[w] / V[w_q]) * (w_q + (E[w] - E[w_q]))`` element-wise, statistics without gradient."""
+    scale, shift = correction_coefficients(quantized, reference, granularity)
     return scale * (quantized + shift)
 
 

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.export import assign_tensors
 from methods.quant.branch_selection import Selection, has_partial
 from methods.quant.branches import BranchSwitchable, ChannelSliced, active_channels, needs_partial
-from methods.quant.modules import batchnorm_storage_bits
+from methods.quant.modules import batchnorm_storage_bits, batchnorm_tensors, switchable_norm_tensors
 
 
 class SharedBranchBatchNorm2d(ChannelSliced, nn.BatchNorm2d):
@@ -37,6 +38,9 @@ class SharedBranchBatchNorm2d(ChannelSliced, nn.BatchNorm2d):
 
     def _per_channel_bits(self) -> int:
         return batchnorm_storage_bits(self) // (self.num_branches * self.channels_per_branch)
+
+    def _per_channel_tensors(self) -> dict[str, torch.Tensor]:
+        return batchnorm_tensors(self)
 
 
 class BranchSwitchableBatchNorm2d(BranchSwitchable, nn.Module):
@@ -60,6 +64,18 @@ class BranchSwitchableBatchNorm2d(BranchSwitchable, nn.Module):
 
     def storage_bits_total(self, bits_set: Iterable[int]) -> int:
         return sum(self.storage_bits(b) for b in bits_set)
+
+    def export_tensors(self, bits: int) -> dict[str, torch.Tensor]:
+        return self.export_tensors_total((bits,))
+
+    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, torch.Tensor]:
+        return switchable_norm_tensors(self.norms, bits_set)
+
+    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        assign_tensors(self, tensors)
+
+    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
+        assign_tensors(self, tensors)
 
 
 class BranchAverage(BranchSwitchable, nn.Module):

@@ -21,13 +21,15 @@ code) and, through the per-bit-width switchable BN, its own BN. The quantizers a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.export import Codes, assign_tensors
 from methods.quant.bounded import (
     WEIGHT_BITS,
     activation_bounds_init,
@@ -46,6 +48,7 @@ from methods.quant.branch_selection import (
     serial_selection,
 )
 from methods.quant.modules import FLOAT_BITS, BitSwitchable
+from methods.quant.weight_cache import cached_in_eval
 
 __all__ = [
     "BranchConv2d", "BranchStemConv2d", "BranchSwitchable", "ChannelSliced", "Selection", "active_channels",
@@ -129,6 +132,36 @@ class ChannelSliced(BranchSwitchable):
                     + len(self._extra_partials(bits_set)) * (self.partial or 0))
         return channels * self._per_channel_bits()
 
+    # -- export (harness.export): the channels storage counts, one block per stored branch or partial slice ------
+    def _per_channel_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors indexed by channel along dim 0 (their values per channel make ``_per_channel_bits``)."""
+        raise NotImplementedError
+
+    def _channel_blocks(self, bits_set: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+        width = self.channels_per_branch
+        blocks = {f"branch{g}": (g * width, width) for g in sorted(self._branches_used(bits_set))}
+        blocks.update({f"branch{g}.partial": (g * width, self.partial or 0)
+                       for g in sorted(self._extra_partials(bits_set))})
+        return blocks
+
+    def export_tensors(self, bits: int) -> dict[str, torch.Tensor]:
+        return self.export_tensors_total((bits,))
+
+    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, torch.Tensor]:
+        blocks = self._channel_blocks(tuple(bits_set))
+        return {f"{name}.{block}": tensor[first:first + count] for name, tensor in self._per_channel_tensors().items()
+                for block, (first, count) in blocks.items()}
+
+    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        self.load_exported_total(tensors, (bits,))
+
+    @torch.no_grad()
+    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
+        blocks = self._channel_blocks(tuple(bits_set))
+        for name, tensor in self._per_channel_tensors().items():
+            for block, (first, count) in blocks.items():
+                tensor[first:first + count] = tensors[f"{name}.{block}"]
+
 
 class BranchConv2d(BranchSwitchable, nn.Module):
     """``num_branches`` independent convolutions stored as one grouped weight; runs the active branches only.
@@ -210,6 +243,7 @@ class BranchConv2d(BranchSwitchable, nn.Module):
     def _weight_bound_index(self, start: int, count: int) -> slice:
         return slice(start, start + count) if self.bounds_by == "branch" else slice(0, count)
 
+    @cached_in_eval
     def active_weight(self) -> torch.Tensor:
         """The (quantized) weight of the active full branches, shape ``(count * out, in, k, k)``."""
         start, count = self.window
@@ -223,6 +257,7 @@ class BranchConv2d(BranchSwitchable, nn.Module):
                                          self.weight_upper[index].view(shape), self.backward_scaling)
         return quantized.view_as(weight)
 
+    @cached_in_eval
     def active_partial_weight(self) -> torch.Tensor:
         """The (quantized) weight of the active bit-width's partial branch."""
         start, count = self.window
@@ -277,28 +312,106 @@ class BranchConv2d(BranchSwitchable, nn.Module):
         return WEIGHT_BITS if self.quantized else FLOAT_BITS
 
     def storage_bits(self, bits: int) -> int:
-        _, count = self._window_of(bits)
-        branches = count + has_partial(bits)
-        weights = count * self._weights_per_branch() + has_partial(bits) * self._weights_per_partial()
-        # Deploying at b needs each active branch's weight bounds and b's activation bounds (l and u each).
-        bounds = 4 * branches * FLOAT_BITS if self.quantized else 0
-        return weights * self._weight_bits() + bounds
+        return self.storage_bits_total((bits,))
 
     def storage_bits_total(self, bits_set: Iterable[int]) -> int:
+        """Quantized: one copy of 2-bit codes per code set some bit-width runs (:meth:`_code_sets`) and each
+        bit-width's activation bounds (l and u per branch it runs). No weight bounds: the 2-bit levels are
+        -1, -1/3, 1/3, 1 whatever the bounds, so deployment needs the codes alone. Full precision: the rows of every
+        branch some bit-width runs whole and the partial slices outside them, 32 bits each."""
         bits_set = tuple(bits_set)
-        used = self._branches_used(bits_set)
-        weights = (len(used) * self._weights_per_branch()
-                   + len(self._extra_partials(bits_set)) * self._weights_per_partial())
         if not self.quantized:
+            weights = (len(self._branches_used(bits_set)) * self._weights_per_branch()
+                       + len(self._extra_partials(bits_set)) * self._weights_per_partial())
             return weights * FLOAT_BITS
-        # Weight bounds: a pair per stored branch and per partial slice (bounds_by="branch"), or per window position
-        # (bounds_by="position"); activation bounds: a pair per branch each bit-width runs.
-        if self.bounds_by == "branch":
-            weight_bounds = 2 * (len(used) + len(self._partials_used(bits_set)))
-        else:
-            weight_bounds = 2 * max(self._window_of(b)[1] + has_partial(b) for b in bits_set)
+        copies = {name: partial for b in bits_set for name, _, partial in self._code_sets(b)}
+        weights = sum(self._weights_per_partial() if partial else self._weights_per_branch()
+                      for partial in copies.values())
         act_bounds = sum(2 * (self._window_of(b)[1] + has_partial(b)) for b in bits_set)
-        return weights * WEIGHT_BITS + (weight_bounds + act_bounds) * FLOAT_BITS
+        return weights * WEIGHT_BITS + act_bounds * FLOAT_BITS
+
+    # -- export (harness.export) ------------------------------------------------------------------------------
+    def _code_sets(self, bits: int) -> list[tuple[str, int, bool]]:
+        """``(name, branch, is_partial)`` of each distinct set of 2-bit codes bit-width ``bits`` runs. Codes depend
+        on the bounds they were quantized with: a full branch's are the same at every bit-width under
+        ``bounds_by="branch"`` but depend on its window position under ``"position"``, and a partial slice has bounds
+        of its own, so its codes are not the full branch's even where that branch is stored whole."""
+        start, count = self._window_of(bits)
+        by_position = self.bounds_by == "position"
+        sets = [(f"branch{g}" + (f".pos{g - start}" if by_position else ""), g, False)
+                for g in range(start, start + count)]
+        if has_partial(bits):
+            sets.append((f"branch{start + count}.partial" + (f".pos{count}" if by_position else ""),
+                         start + count, True))
+        return sets
+
+    @contextmanager
+    def _at_bits(self, bits: int) -> Iterator[None]:
+        saved = self.bits
+        self.set_bits(bits)
+        try:
+            yield
+        finally:
+            self.bits = saved
+
+    def _branch_rows(self, branch: int) -> torch.Tensor:
+        return self.weight[branch * self.out_per_branch:(branch + 1) * self.out_per_branch]
+
+    def export_tensors(self, bits: int) -> dict[str, object]:
+        return self.export_tensors_total((bits,))
+
+    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, object]:
+        bits_set = tuple(bits_set)
+        if not self.quantized:
+            tensors: dict[str, object] = {f"branch{g}.weight": self._branch_rows(g)
+                                          for g in sorted(self._branches_used(bits_set))}
+            tensors.update({f"branch{g}.partial.weight": self.partial_slice(g)
+                            for g in sorted(self._extra_partials(bits_set))})
+            return tensors
+        tensors = {}
+        for b in bits_set:
+            start, _ = self._window_of(b)
+            with self._at_bits(b):  # the layer's own quantization at b
+                full = self.active_weight()
+                partial = self.active_partial_weight() if has_partial(b) else None
+            for name, g, is_partial in self._code_sets(b):
+                rows = (g - start) * self.out_per_branch
+                levels = partial if is_partial else full[rows:rows + self.out_per_branch]
+                tensors[f"{name}.codes"] = Codes(levels_to_codes(levels), WEIGHT_BITS)
+            tensors[f"act_lower.{b}"] = self.act_lower[str(b)]
+            tensors[f"act_upper.{b}"] = self.act_upper[str(b)]
+        return tensors
+
+    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        self.load_exported_total(tensors, (bits,))
+
+    @torch.no_grad()
+    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
+        """Rebuild from the codes: the layer keeps its code; before each forward a hook writes the active bit-width's
+        levels into the rows it runs, and every weight bound is set to [-1, 1], under which the 2-bit quantizer maps
+        each level to itself."""
+        bits_set = tuple(bits_set)
+        if not self.quantized:
+            for g in self._branches_used(bits_set):
+                self._branch_rows(g).copy_(tensors[f"branch{g}.weight"])
+            for g in self._extra_partials(bits_set):
+                self.partial_slice(g).copy_(tensors[f"branch{g}.partial.weight"])
+            return
+        stored = StoredBranchLevels()
+        for b in bits_set:
+            assign_tensors(self, {f"act_lower.{b}": tensors[f"act_lower.{b}"],
+                                  f"act_upper.{b}": tensors[f"act_upper.{b}"]})
+            for name, _, _ in self._code_sets(b):
+                stored.add(name, codes_to_levels(tensors[f"{name}.codes"]))
+        for name in ("weight_lower", "partial_weight_lower"):
+            if hasattr(self, name):
+                getattr(self, name).fill_(-1.0)
+        for name in ("weight_upper", "partial_weight_upper"):
+            if hasattr(self, name):
+                getattr(self, name).fill_(1.0)
+        self.stored_levels = stored
+        if getattr(self, "_levels_hook", None) is None:
+            self._levels_hook = self.register_forward_pre_hook(write_stored_levels)
 
 
 class BranchStemConv2d(ChannelSliced, nn.Module):
@@ -324,3 +437,39 @@ class BranchStemConv2d(ChannelSliced, nn.Module):
 
     def _per_channel_bits(self) -> int:
         return self.weight[0].numel() * FLOAT_BITS
+
+    def _per_channel_tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight}
+
+
+def levels_to_codes(levels: torch.Tensor) -> torch.Tensor:
+    """The 2-bit codes 0..3 of the levels -1, -1/3, 1/3, 1 (``round(3 (W_q + 1) / 2)``)."""
+    return torch.round((levels + 1) * 1.5).long()
+
+
+def codes_to_levels(codes: torch.Tensor) -> torch.Tensor:
+    """``2 (q / 3) - 1``: the forward pass's operations, so the levels are its values bit for bit."""
+    return 2 * (codes.float() / 3) - 1
+
+
+class StoredBranchLevels(nn.Module):
+    """An exported branch convolution's 2-bit levels, one buffer per code set (:meth:`BranchConv2d._code_sets`)."""
+
+    def add(self, name: str, levels: torch.Tensor) -> None:
+        self.register_buffer(name.replace(".", "_"), levels.detach().clone())
+
+    def levels(self, name: str) -> torch.Tensor:
+        levels = self._buffers.get(name.replace(".", "_"))
+        if levels is None:
+            raise ConfigError(f"this exported branch convolution holds no codes {name!r} (a bit-width the file does "
+                              f"not serve)")
+        return levels
+
+
+@torch.no_grad()
+def write_stored_levels(layer: BranchConv2d, args: tuple) -> None:
+    """Forward pre-hook of an exported :class:`BranchConv2d`: the active bit-width's stored levels into the weight
+    rows it runs (full branches, then the partial slice)."""
+    for name, branch, is_partial in layer._code_sets(layer.bits):
+        target = layer.partial_slice(branch) if is_partial else layer._branch_rows(branch)
+        target.copy_(layer.stored_levels.levels(name))

@@ -98,3 +98,19 @@ class LSQActivation(BitSwitchable, nn.Module):
 
     def storage_bits_total(self, bits_set: Iterable[int]) -> int:
         return sum(self.storage_bits(b) for b in bits_set)
+
+    def export_tensors(self, bits: int) -> dict[str, torch.Tensor]:
+        return self.export_tensors_total((bits,))
+
+    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, torch.Tensor]:
+        return {f"step{b}": self.steps[b - 1] for b in bits_set if b < FULL_PRECISION}
+
+    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        self.load_exported_total(tensors, (bits,))
+
+    @torch.no_grad()
+    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
+        for b in bits_set:
+            if b < FULL_PRECISION:
+                self.steps[b - 1] = tensors[f"step{b}"]
+                self.initialized[b - 1] = True

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.export import assign_tensors
 from methods.quant.dorefa import FULL_PRECISION
 from methods.quant.modules import FLOAT_BITS, BitSwitchable
 from methods.quant.ste import round_ste
@@ -77,3 +78,16 @@ class SwitchablePACT(BitSwitchable, nn.Module):
         if not self.switchable:
             return FLOAT_BITS if quantized else 0
         return FLOAT_BITS * len(quantized)
+
+    def export_tensors(self, bits: int) -> dict[str, torch.Tensor]:
+        return self.export_tensors_total((bits,))
+
+    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, torch.Tensor]:
+        keys = {str(b) if self.switchable else SHARED_KEY for b in bits_set if b < FULL_PRECISION}
+        return {f"alphas.{key}": self.alphas[key] for key in sorted(keys)}
+
+    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        assign_tensors(self, tensors)
+
+    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
+        assign_tensors(self, tensors)

@@ -56,9 +56,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.export import Codes, assign_tensors, take_prefixed, with_prefix
 from methods.quant.dorefa import FULL_PRECISION
 from methods.quant.modules import FLOAT_BITS, BitSwitchable, QuantizedSite, copy_weight_and_bias
 from methods.quant.pact import SwitchablePACT
+from methods.quant.weight_cache import cached_in_eval
 
 WeightBitsRule = Literal["same", "highest", "max8"]
 WEIGHT_BITS_RULES: tuple[str, ...] = ("same", "highest", "max8")
@@ -96,11 +98,47 @@ def nested_quantize_unit(unit: torch.Tensor, bits: int, scheme: str = "original"
 def sat_weight(weight: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:
     """The AdaBits/SAT weight at ``bits`` (1..31) under ``scheme`` (module docstring), or the normalized weight
     at 32 bits (either scheme); no rescaling."""
-    check_weight_scheme(scheme)
-    normalized = sat_normalize(weight)
+    return sat_quantize_normalized(sat_normalize(weight), bits, check_weight_scheme(scheme))
+
+
+def sat_quantize_normalized(normalized: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:
+    """:func:`sat_weight` of the normalized weight ``w~`` (``normalized`` itself at 32 bits)."""
     if bits >= FULL_PRECISION:
         return normalized
     return 2 * nested_quantize_unit((normalized + 1) / 2, bits, scheme) - 1
+
+
+def sat_codes(normalized: torch.Tensor, bits: int) -> torch.Tensor:
+    """The nested code ``j = min(floor(2^b u), 2^b - 1)``, ``u = (w~ + 1) / 2``, as int64 (the forward pass's steps)."""
+    steps = 2**bits
+    return torch.clamp(torch.floor((normalized + 1) / 2 * steps), max=steps - 1).long()
+
+
+def sat_levels(codes: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:
+    """``W_q`` from the ``bits``-bit codes: ``2 j / 2^b - 1`` or, centered, ``(2 j + 1) / 2^b - 1`` (the same float
+    operations as :func:`nested_quantize_unit`, so the levels equal the forward pass's bit for bit)."""
+    code = codes.float()
+    if scheme == "centered":
+        code = code + 0.5
+    return 2 * (code / 2**bits) - 1
+
+
+class SATStoredWeights(nn.Module):
+    """An exported SAT layer's weights: codes at ``code_bits`` (every lower bit-width's codes are their top bits,
+    ``j_b = j >> (code_bits - b)``) or, at 32 bits, the normalized weight ``w~``; called with a weight precision,
+    it returns ``W_q`` at that precision."""
+
+    def __init__(self, values: torch.Tensor, code_bits: int, scheme: str) -> None:
+        super().__init__()
+        self.register_buffer("values", values.detach().clone())
+        self.code_bits, self.scheme = code_bits, check_weight_scheme(scheme)
+
+    def forward(self, bits: int) -> torch.Tensor:
+        if bits > self.code_bits:
+            raise ConfigError(f"this exported layer holds {self.code_bits}-bit weights, not {bits}-bit ones")
+        if self.code_bits >= FULL_PRECISION:
+            return sat_quantize_normalized(self.values, bits, self.scheme)
+        return sat_levels(self.values >> (self.code_bits - bits), bits, self.scheme)
 
 
 def sat_rescale_factor(quantized_weight: torch.Tensor, fan_out: int) -> torch.Tensor:
@@ -135,8 +173,14 @@ class SATLayer(QuantizedSite, BitSwitchable):
     weight_scheme: str
     input_quantizer: SwitchablePACT | None
 
+    stored_weights: SATStoredWeights | None
+
+    @cached_in_eval
     def quantized_weight(self) -> torch.Tensor:
-        """The SAT weight at the current weight precision under the layer's scheme, before any rescale."""
+        """The SAT weight at the current weight precision under the layer's scheme, before any rescale (from the
+        stored codes in a layer loaded from an export)."""
+        if self.stored_weights is not None:
+            return self.stored_weights(self.weight_bits())
         return sat_weight(self.weight, self.weight_bits(), self.weight_scheme)
 
     def set_bits(self, bits: int) -> None:
@@ -163,6 +207,35 @@ class SATLayer(QuantizedSite, BitSwitchable):
         bias = 0 if self.bias is None else self.bias.numel() * FLOAT_BITS
         return self.weight.numel() * highest + bias + quantizer
 
+    # -- export (harness.export): one copy of the codes at the highest precision, bias, clipping levels --------
+    def export_tensors(self, bits: int) -> dict[str, object]:
+        return self.export_tensors_total((bits,))
+
+    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, object]:
+        bits_set = tuple(bits_set)
+        highest = max(min(self.weight_bits(b), FLOAT_BITS) for b in bits_set)
+        normalized = sat_normalize(self.weight)
+        tensors: dict[str, object] = ({"weight": normalized} if highest >= FLOAT_BITS
+                                      else {"weight_codes": Codes(sat_codes(normalized, highest), highest)})
+        if self.bias is not None:
+            tensors["bias"] = self.bias
+        if self.input_quantizer is not None:
+            tensors.update(with_prefix("input_quantizer.", self.input_quantizer.export_tensors_total(bits_set)))
+        return tensors
+
+    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        self.load_exported_total(tensors, (bits,))
+
+    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
+        bits_set = tuple(bits_set)
+        tensors = dict(tensors)
+        highest = max(min(self.weight_bits(b), FLOAT_BITS) for b in bits_set)
+        values = tensors.pop("weight") if highest >= FLOAT_BITS else tensors.pop("weight_codes")
+        self.stored_weights = SATStoredWeights(values, highest, self.weight_scheme)
+        if self.input_quantizer is not None:
+            self.input_quantizer.load_exported_total(take_prefixed(tensors, "input_quantizer."), bits_set)
+        assign_tensors(self, tensors)
+
 
 class SATConv2d(SATLayer, nn.Conv2d):
     """A convolution with SAT weights (``weight_scheme`` "original" or "centered") and, unless
@@ -180,6 +253,7 @@ class SATConv2d(SATLayer, nn.Conv2d):
         self.weight_scheme = check_weight_scheme(weight_scheme)
         self.rescale = rescale
         self.input_quantizer = input_quantizer
+        self.stored_weights = None  # an export loader's SATStoredWeights replaces the latent weights
         self.bits = self.bits_set[-1]
 
     @classmethod
@@ -217,6 +291,7 @@ class SATLinear(SATLayer, nn.Linear):
         self.weight_scheme = check_weight_scheme(weight_scheme)
         self.rescale = rescale
         self.input_quantizer = input_quantizer
+        self.stored_weights = None  # an export loader's SATStoredWeights replaces the latent weights
         self.bits = self.bits_set[-1]
 
     @classmethod

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import ConfigError
+from harness.export import assign_tensors
 from methods.quant.modules import BitSwitchable, set_model_bits
 
 FLOAT_BITS = 32
@@ -98,6 +99,41 @@ class SharedBatchNorm2d(BitSwitchable, nn.Module):
         groups = {self._group(b) for b in bits_set}
         return sum(2 * self.norms[g].num_features * FLOAT_BITS for g in groups) + sum(
             2 * self.norm_for(b).num_features * FLOAT_BITS for b in bits_set)
+
+    # -- export (harness.export): the same values, and the adapted tables rebuilt from them ----------------------
+    def statistics(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running mean and variance evaluation at ``bits`` normalizes with (adapted if there are any)."""
+        if bool(self.adapted[bits - 1]):
+            return self.adapted_mean[bits - 1], self.adapted_var[bits - 1]
+        norm = self.norm_for(bits)
+        return norm.running_mean, norm.running_var
+
+    def export_tensors(self, bits: int) -> dict[str, torch.Tensor]:
+        return self.export_tensors_total((bits,))
+
+    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, torch.Tensor]:
+        bits_set = tuple(bits_set)
+        tensors = {}
+        for group in sorted({self._group(b) for b in bits_set}):
+            tensors[f"norms.{group}.weight"] = self.norms[group].weight
+            tensors[f"norms.{group}.bias"] = self.norms[group].bias
+        for b in bits_set:
+            tensors[f"bits{b}.mean"], tensors[f"bits{b}.var"] = self.statistics(b)
+        return tensors
+
+    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        self.load_exported_total(tensors, (bits,))
+
+    @torch.no_grad()
+    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
+        # Each bit-width's statistics go to its adapted row: in eval mode that row normalizes exactly as the BN's
+        # running statistics would (the same F.batch_norm call).
+        tensors = dict(tensors)
+        for b in bits_set:
+            self.adapted_mean[b - 1] = tensors.pop(f"bits{b}.mean")
+            self.adapted_var[b - 1] = tensors.pop(f"bits{b}.var")
+            self.adapted[b - 1] = True
+        assign_tensors(self, tensors)
 
 
 def shared_norms(model: nn.Module) -> list[SharedBatchNorm2d]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import cli
 from harness import compare as compare_module
+from harness.config import Schedule
 from harness.models import create_model
-from harness.recipes import GENERIC, default_recipe, resolve
+from harness.recipes import DEIT_RECIPE, GENERIC, default_recipe, resolve
+from harness.report import caption
 
 
 def test_digits_has_its_own_recipe_and_every_other_set_the_generic_one():
@@ -53,3 +57,39 @@ def test_resnet8_is_resnet20_with_one_block_per_stage():
     # stem, two convs per block, and the two 1x1 projections of the downsampling blocks
     assert len(convs) == 1 + 2 * 3 + 2
     assert [b.conv1.stride[0] for b in shallow.blocks] == [1, 2, 2]
+
+
+OPTIMIZER_FIELDS = ("optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "warmup_epochs", "recipe")
+
+
+def optimizer_fields(spec) -> tuple:
+    return tuple(getattr(spec.schedule, name) for name in OPTIMIZER_FIELDS)
+
+
+def test_deit_recipe_scales_lr_by_batch_and_warms_up_five_of_every_300_epochs():
+    settings = DEIT_RECIPE.settings(epochs=300, batch_size=1024)
+    assert settings == {"optimizer": "adamw", "lr": 1e-3, "lr_schedule": "cosine", "momentum": 0.9,
+                        "weight_decay": 0.05, "warmup_epochs": 5, "recipe": "deit-adamw"}
+    assert DEIT_RECIPE.settings(epochs=20, batch_size=128)["warmup_epochs"] == 1  # at least one
+    assert DEIT_RECIPE.settings(epochs=1, batch_size=128)["warmup_epochs"] == 0  # warm-up must end before the end
+    assert DEIT_RECIPE.settings(epochs=20, batch_size=128)["lr"] == 5e-4 * 128 / 512
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--model", "deit_tiny", "--epochs", "60"], ("adamw", 5e-4 * 32 / 512, "cosine", 0.9, 0.05, 1, "deit-adamw")),
+    (["--model", "resnet20"], ("sgd", 0.05, "cosine", 0.9, 5e-4, 0, "resnet-sgd")),
+    # any optimizer flag: no recipe, the generic defaults for the rest
+    (["--model", "deit_tiny", "--lr", "0.001"], ("sgd", 0.001, "cosine", 0.9, 5e-4, 0, "")),
+    (["--model", "deit_tiny", "--optimizer", "adamw"], ("adamw", 0.05, "cosine", 0.9, 5e-4, 0, "")),
+])
+def test_the_model_family_recipe_applies_only_when_no_optimizer_flag_is_given(monkeypatch, tmp_path, args, expected):
+    spec = capture_spec(monkeypatch, ["--methods", "emq", *args, "--out", str(tmp_path / "out")])
+    assert optimizer_fields(spec) == expected
+    assert json.loads(spec.to_json())["schedule"]["recipe"] == expected[-1]  # what spec.json records
+
+
+def test_the_caption_names_the_recipe_and_the_warm_up():
+    schedule = Schedule(epochs=20, **DEIT_RECIPE.settings(epochs=20, batch_size=128))
+    record = {"method": "emq", "dataset": "digits", "model": "deit_tiny", "seed": 0, "device": "cpu",
+              "schedule": schedule.to_dict()}
+    assert "adamw lr 0.000125 cosine, 1 warm-up epochs (the deit-adamw recipe), batch 128;" in caption([record])

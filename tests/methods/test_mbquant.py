@@ -213,12 +213,13 @@ def test_bounds_form_an_adam_group_without_weight_decay(synthetic):
 #   stage 1: 6 x 16*16*9 = 13,824
 #   stage 2: 16*32*9 + 5 x 32*32*9 + 16*32 = 4,608 + 46,080 + 512 = 51,200
 #   stage 3: 32*64*9 + 5 x 64*64*9 + 32*64 = 18,432 + 184,320 + 2,048 = 204,800   -> 269,824 per branch
-# Bounds per conv and active branch: l_W, u_W and (for that bit-width) l_A, u_A -> 20 x 4 = 80 values per branch.
+# Bounds per conv and active branch: l_A, u_A of that bit-width -> 20 x 2 = 40 values per branch (no weight bounds:
+# the 2-bit levels do not depend on them, so deployment stores the codes alone).
 # Per branch, full precision: stem 1*16*9 = 144; stem BN 16 x 4 = 64 (gamma, beta, mean, var).
 # Switchable BN per branch slice: stage 1: 3 x (16+16) = 96; stage 2: 3 x (32+32) + 32 = 224;
 #   stage 3: 3 x (64+64) + 64 = 448  -> 768 channels x 4 = 3,072 values.
 # Shared FC: 64*10 + 10 = 650.
-BRANCH_WEIGHTS, BRANCH_BOUNDS, BRANCH_STEM, BRANCH_BN, FC_VALUES = 269_824, 80, 144 + 64, 3_072, 650
+BRANCH_WEIGHTS, BRANCH_BOUNDS, BRANCH_STEM, BRANCH_BN, FC_VALUES = 269_824, 40, 144 + 64, 3_072, 650
 SHORTCUT_WEIGHTS = 512 + 2_048
 
 
@@ -230,15 +231,15 @@ def test_storage_equals_hand_count(synthetic):
         expected = BRANCH_WEIGHTS * branches * 2 + 32 * (
             branches * (BRANCH_BOUNDS + BRANCH_STEM + BRANCH_BN) + FC_VALUES)
         assert method.storage(model, b) * 8 == expected
-    # The whole set: all 4 branches (8 bits per base weight = one 8-bit copy of the body), weight bounds once per
-    # branch (20 convs x 4 branches x 2), activation bounds per bit-width (20 convs x 2 x (1 + 2 + 4)), every
-    # branch's stem, every bit-width's BN (1 + 2 + 4 branch slices), the FC.
-    total = BRANCH_WEIGHTS * 8 + 32 * (20 * 4 * 2 + 20 * 2 * 7 + 4 * BRANCH_STEM + 7 * BRANCH_BN + FC_VALUES)
+    # The whole set: all 4 branches (8 bits per base weight = one 8-bit copy of the body), activation bounds per
+    # bit-width (20 convs x 2 x (1 + 2 + 4)), every branch's stem, every bit-width's BN (1 + 2 + 4 branch slices),
+    # the FC.
+    total = BRANCH_WEIGHTS * 8 + 32 * (20 * 2 * 7 + 4 * BRANCH_STEM + 7 * BRANCH_BN + FC_VALUES)
     assert method.storage_total(model, bits) * 8 == total
-    # A full-precision shortcut stores its weights at 32 bits and has no bounds (2 convs x 4 per branch).
+    # A full-precision shortcut stores its weights at 32 bits and has no bounds (2 convs x 2 per branch).
     fp_method, fp_model = build(synthetic.info, bits=bits, width=1.0, shortcut="full_precision")
     assert fp_method.storage(fp_model, 4) * 8 == method.storage(model, 4) * 8 + 2 * (
-        SHORTCUT_WEIGHTS * 30 - 2 * 4 * 32)
+        SHORTCUT_WEIGHTS * 30 - 2 * 2 * 32)
 
 
 def test_switching_bits_changes_no_stored_tensor_and_leaves_no_state(synthetic):
@@ -303,11 +304,11 @@ def test_resnet18_storage_reproduces_the_spec_hand_count():
     assert model.stem[0].weight.numel() + sum(p.numel() for p in model.fc.parameters()) == R18_STEM_FC
     for b in bits:
         branches = b // 2
-        expected = R18_BODY * b + 32 * (branches * (R18_CONVS * 4 + R18_BN) + R18_STEM_FC + R18_STEM_BN)
+        expected = R18_BODY * b + 32 * (branches * (R18_CONVS * 2 + R18_BN) + R18_STEM_FC + R18_STEM_BN)
         assert method.storage(model, b) * 8 == expected
-    # The whole set: 4 branches x 2 bits = one 8-bit copy of the body (11,157,504 bytes = 11.16 MB); weight bounds
-    # 19 x 4 x 2; activation bounds 19 x 2 x (1 + 2 + 3 + 4); BN slices 1 + 2 + 3 + 4 = 10.
-    total_bits = R18_BODY * 8 + 32 * (R18_CONVS * 4 * 2 + R18_CONVS * 2 * 10 + 10 * R18_BN + R18_STEM_FC + R18_STEM_BN)
+    # The whole set: 4 branches x 2 bits = one 8-bit copy of the body (11,157,504 bytes = 11.16 MB); activation
+    # bounds 19 x 2 x (1 + 2 + 3 + 4); BN slices 1 + 2 + 3 + 4 = 10.
+    total_bits = R18_BODY * 8 + 32 * (R18_CONVS * 2 * 10 + 10 * R18_BN + R18_STEM_FC + R18_STEM_BN)
     assert method.storage_total(model, bits) * 8 == total_bits
 
 

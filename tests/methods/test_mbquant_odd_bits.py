@@ -118,8 +118,8 @@ def test_odd_bit_macs_are_its_full_branches_plus_the_partial_slice(synthetic):
 
 
 def test_odd_bit_storage_is_the_even_one_plus_the_partial_branch_by_hand(synthetic):
-    """storage(3) - storage(2): the partial slices' 2-bit weights, one more weight- and activation-bound pair per
-    quantized conv, the partial channels of every BN, the stem's partial rows and their slice of the stem BN."""
+    """storage(3) - storage(2): the partial slices' 2-bit weights, one more activation-bound pair per quantized
+    conv, the partial channels of every BN, the stem's partial rows and their slice of the stem BN."""
     method, net = build(synthetic.info, bits=(2, 3, 4))
     weights = (6 * 4 * 4 * 9 + (6 * 4 * 9 + 6 * 6 * 9 + 6 * 4 + 4 * 6 * 6 * 9)
                + (12 * 6 * 9 + 12 * 12 * 9 + 12 * 6 + 3 * 12 * 12 * 9 + 16 * 12 * 9))
@@ -127,24 +127,34 @@ def test_odd_bit_storage_is_the_even_one_plus_the_partial_branch_by_hand(synthet
     bn_channels = 6 * 4 + 7 * 6 + (6 * 12 + 16)
     stem = 4 * 1 * 3 * 3  # 4 partial rows of the 1-channel 3x3 stem
     stem_bn = 4
-    hand = weights * 2 + 32 * (4 * quantized_convs + 4 * bn_channels + stem + 4 * stem_bn)
+    hand = weights * 2 + 32 * (2 * quantized_convs + 4 * bn_channels + stem + 4 * stem_bn)
     assert (method.storage(net, 3) - method.storage(net, 2)) * 8 == hand
 
 
-def test_partial_slices_inside_a_stored_branch_cost_no_weights():
-    """Storage for a set: a partial slice of a branch some bit-width runs whole is already stored."""
+def test_partial_slices_store_their_own_codes():
+    """Storage for a set: a partial slice is quantized with its own weight bounds, so its 2-bit codes are not those
+    of its branch, and an artifact stores them even where some bit-width runs that branch whole."""
     def conv(bits):
         from methods.quant.branch_selection import num_branches
         return BranchConv2d(4, 8, 3, 1, 1, num_branches(bits), amortized_selection(bits), partial_in=3, partial_out=5)
 
     slice_weights = 5 * 3 * 9
     branch_weights = 8 * 4 * 9
-    # {2, 3}: branch 0 whole, branch 1 only as 3's partial slice. Bounds: weights 2 per full branch and 2 per partial
-    # branch; activations 2 x (1) for 2 bits, 2 x (1 + 1) for 3 bits.
-    assert conv((2, 3)).storage_bits_total((2, 3)) == (branch_weights + slice_weights) * 2 + 32 * (2 + 2 + 2 + 4)
-    # {2, 3, 4}: branch 1 is run whole at 4 bits, so 3's slice costs no weights (its bounds still count).
-    assert conv((2, 3, 4)).storage_bits_total((2, 3, 4)) == 2 * branch_weights * 2 + 32 * (4 + 2 + 2 + 4 + 4)
-    assert conv((2, 3)).storage_bits(3) == (branch_weights + slice_weights) * 2 + 32 * 4 * 2
+    # {2, 3}: branch 0 whole, branch 1 only as 3's partial slice. Activation bounds 2 x (1) for 2 bits, 2 x (1 + 1)
+    # for 3 bits; no weight bounds (the 2-bit levels do not depend on them).
+    assert conv((2, 3)).storage_bits_total((2, 3)) == (branch_weights + slice_weights) * 2 + 32 * (2 + 4)
+    # {2, 3, 4}: branch 1 is run whole at 4 bits, and 3's slice of it still has codes of its own.
+    layer = conv((2, 3, 4))
+    assert layer.storage_bits_total((2, 3, 4)) == (2 * branch_weights + slice_weights) * 2 + 32 * (2 + 4 + 4)
+    assert conv((2, 3)).storage_bits(3) == (branch_weights + slice_weights) * 2 + 32 * 4
+    with torch.no_grad():
+        layer.set_bits(3)
+        partial_levels = layer.active_partial_weight()
+        layer.set_bits(4)
+        start, _ = layer.window
+        rows = (1 - start) * 8
+        branch_levels = layer.active_weight()[rows:rows + 5, :3]
+    assert not torch.equal(partial_levels, branch_levels)  # the same latent weights, other bounds, other codes
 
 
 def test_partial_bounds_initialize_from_the_partial_slice():

@@ -1,0 +1,144 @@
+"""A finished cell of a run folder, rebuilt as it was evaluated, and its export to a deployment file
+(:mod:`harness.export`; the ``cli.py export`` command)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from harness.cost import FLOAT_BITS
+from harness.errors import MbqError
+from harness.export import ALL_BITS, data_header, export_tensors, write_export
+
+if TYPE_CHECKING:
+    from harness.config import RunSpec
+    from harness.data import DatasetInfo
+    from harness.method import Method
+
+
+@dataclass
+class TrainedCell:
+    """A finished cell of a run folder, rebuilt as it was evaluated (checkpoint, then the method's finalize)."""
+
+    method_spec: str
+    seed: int
+    method: Method
+    model: nn.Module
+    spec: RunSpec
+    info: DatasetInfo
+    record: dict[str, Any]
+
+
+def trained_cell(run_dir: Path, method_spec: str, seed: int | None = None) -> TrainedCell:
+    """Rebuild the trained network of cell (``method_spec``, ``seed``; default the run's first seed) of a run folder:
+    the method's network as ``harness.train`` builds it, the last checkpoint's state, and -- for a method with a
+    ``finalize`` phase (EMQ's BN adaptation, which runs after the last checkpoint) -- that phase again on the same
+    batches, on the CPU, so the model is the one the record evaluated."""
+    from harness.config import RunSpec
+    from harness.data import dataset_info
+    from harness.executors import load_data
+    from harness.method import Method
+    from harness.store import RunStore
+    from harness.train import cell_spec, instantiate
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MbqError(f"{run_dir} does not exist or is not a folder")
+    store = RunStore(run_dir)
+    raw = store.read_spec()
+    if raw is None:
+        raise MbqError(f"{run_dir} is not a run folder (no spec.json inside)")
+    spec = RunSpec.from_dict(raw)
+    if method_spec not in spec.cell_methods:
+        raise MbqError(f"{run_dir} has no cells of method {method_spec!r}; its methods: {', '.join(spec.cell_methods)}")
+    seed = spec.seeds[0] if seed is None else seed
+    if seed not in spec.seeds:
+        raise MbqError(f"{run_dir} has no seed {seed}; its seeds: {', '.join(map(str, spec.seeds))}")
+    record = store.load_record(method_spec, seed)
+    state = store.load_checkpoint(method_spec, seed)
+    if record is None or state is None:
+        raise MbqError(f"cell {method_spec} seed {seed} of {run_dir} has not finished (no record.json or "
+                       f"checkpoint.pt); run its comparison to the end first")
+    method = instantiate(method_spec)
+    cell = cell_spec(spec, method)
+    finalizes = type(method).finalize is not Method.finalize
+    data = load_data(cell) if finalizes else None
+    info = data.info if data is not None else dataset_info(cell.dataset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = method.build(cell.model, info.num_classes, cell.bits, info, cell.width)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise MbqError(f"the checkpoint of {method_spec} seed {seed} does not fit the network this code builds "
+                       f"({str(exc).splitlines()[0]})") from exc
+    method.load_state_dict(state["method_state"])
+    if data is not None:
+        _finalize(method, model, cell, data, seed)
+    return TrainedCell(method_spec, seed, method, model.eval(), cell, info, record)
+
+
+def _finalize(method: Method, model: nn.Module, cell: RunSpec, data: Any, seed: int) -> None:
+    """``harness.train``'s finalize phase of the cell, on the CPU: the same context and the same batches."""
+    from harness.loader import epoch_batches
+    from harness.method import RunContext
+    from harness.runtime import Runtime
+
+    device = torch.device("cpu")
+    schedule = cell.schedule
+    ctx = RunContext(bits=cell.bits, device=device, num_classes=data.info.num_classes, seed=seed,
+                     epochs=schedule.epochs, data_info=data.info, schedule=schedule, eval_bits=cell.evaluated_bits)
+    augment = schedule.augment and data.info.augment != "none"
+    batches = epoch_batches(data.train, schedule.batch_size, seed, schedule.epochs, augment, device)
+    model.train()
+    with Runtime(device, cell.amp).autocast():
+        method.finalize(model, batches, ctx)
+    model.eval()
+
+
+def parse_export_bits(text: str) -> int | str:
+    """``--bits`` of ``export``: a bit-width (1..32) or ``all``."""
+    if text.strip().lower() == ALL_BITS:
+        return ALL_BITS
+    try:
+        bits = int(text)
+    except ValueError:
+        raise MbqError(f"--bits must be a bit-width (1..32) or 'all', got {text!r}") from None
+    if not 1 <= bits <= FLOAT_BITS:
+        raise MbqError(f"--bits must be in 1..32 or 'all', got {bits}")
+    return bits
+
+
+def export_cell(run_dir: Path, method_spec: str, bits: int | str, out: Path, seed: int | None = None
+                ) -> dict[str, Any]:
+    """Export cell (``method_spec``, ``seed``) of a run folder at ``bits`` (a bit-width the cell evaluated, or
+    ``"all"``: its trained set) to ``out``; returns the header written (``payload_bytes`` among it)."""
+    from harness.store import check_writable_dir
+
+    out = Path(out)
+    if out.is_dir():
+        raise MbqError(f"--out {out} is a folder; give a file name such as model.safetensors")
+    check_writable_dir(out.parent)  # before the (possibly slow) rebuild
+    cell = trained_cell(run_dir, method_spec, seed)
+    if bits == ALL_BITS:
+        chosen: int | tuple[int, ...] = tuple(cell.spec.bits)
+    else:
+        if bits not in cell.spec.evaluated_bits:
+            raise MbqError(f"{method_spec} seed {cell.seed} was evaluated at bits "
+                           f"{', '.join(map(str, cell.spec.evaluated_bits))}, not {bits}; export one of those or all")
+        chosen = int(bits)
+    tensors = export_tensors(cell.method, cell.model, chosen)
+    header = {
+        "method": method_spec, "method_name": cell.method.name, "model": cell.spec.model, "width": cell.spec.width,
+        "num_classes": cell.info.num_classes, "trained_bits": list(cell.spec.bits),
+        "bits": ALL_BITS if isinstance(chosen, tuple) else chosen,
+        **({"bits_set": list(chosen)} if isinstance(chosen, tuple) else {}),
+        "data": data_header(cell.info), "source": {"run": str(run_dir), "seed": cell.seed},
+        "record_storage_bytes": (cell.record["storage_total_bytes"] if isinstance(chosen, tuple)
+                                 else cell.record["results"][str(chosen)]["storage_bytes"]),
+    }
+    return write_export(out, tensors, header)
