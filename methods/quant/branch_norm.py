@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.export import assign_tensors
 from methods.quant.branch_selection import Selection, has_partial
 from methods.quant.branches import BranchSwitchable, ChannelSliced, active_channels, needs_partial
-from methods.quant.modules import batchnorm_storage_bits, batchnorm_tensors, switchable_norm_tensors
+from methods.quant.modules import PerBitNormExport, batchnorm_storage_bits, batchnorm_tensors
 
 
 class SharedBranchBatchNorm2d(ChannelSliced, nn.BatchNorm2d):
@@ -43,7 +42,7 @@ class SharedBranchBatchNorm2d(ChannelSliced, nn.BatchNorm2d):
         return batchnorm_tensors(self)
 
 
-class BranchSwitchableBatchNorm2d(BranchSwitchable, nn.Module):
+class BranchSwitchableBatchNorm2d(PerBitNormExport, BranchSwitchable, nn.Module):
     """Switchable BN: one ``BatchNorm2d`` per bit-width over its active channels (``count * C`` plus the partial
     branch's ``partial`` at odd bit-widths)."""
 
@@ -64,18 +63,6 @@ class BranchSwitchableBatchNorm2d(BranchSwitchable, nn.Module):
 
     def storage_bits_total(self, bits_set: Iterable[int]) -> int:
         return sum(self.storage_bits(b) for b in bits_set)
-
-    def export_tensors(self, bits: int) -> dict[str, torch.Tensor]:
-        return self.export_tensors_total((bits,))
-
-    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, torch.Tensor]:
-        return switchable_norm_tensors(self.norms, bits_set)
-
-    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
-        assign_tensors(self, tensors)
-
-    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
-        assign_tensors(self, tensors)
 
 
 class BranchAverage(BranchSwitchable, nn.Module):

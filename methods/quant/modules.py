@@ -235,7 +235,26 @@ def switchable_norm_tensors(norms: nn.ModuleDict, bits_set: Iterable[int]) -> di
     return {f"norms.{b}.{name}": t for b in bits_set for name, t in batchnorm_tensors(norms[str(b)]).items()}
 
 
-class SwitchableBatchNorm2d(BitSwitchable, nn.Module):
+class PerBitNormExport:
+    """Export of a layer that holds one BN per bit-width in ``norms`` (keyed by ``str(bits)``): the BNs of the
+    exported bit-widths, under their keys."""
+
+    norms: nn.ModuleDict
+
+    def export_tensors(self, bits: int) -> dict[str, torch.Tensor]:
+        return self.export_tensors_total((bits,))
+
+    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, torch.Tensor]:
+        return switchable_norm_tensors(self.norms, bits_set)
+
+    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
+        assign_tensors(self, tensors)
+
+    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
+        assign_tensors(self, tensors)
+
+
+class SwitchableBatchNorm2d(PerBitNormExport, BitSwitchable, nn.Module):
     """One ``BatchNorm2d`` per bit-width; ``set_bits`` picks which one normalizes."""
 
     def __init__(self, num_features: int, bits_set: Iterable[int], eps: float = 1e-5, momentum: float | None = 0.1):
@@ -262,17 +281,6 @@ class SwitchableBatchNorm2d(BitSwitchable, nn.Module):
     def storage_bits_total(self, bits_set: Iterable[int]) -> int:
         return sum(self.storage_bits(b) for b in bits_set)
 
-    def export_tensors(self, bits: int) -> dict[str, torch.Tensor]:
-        return switchable_norm_tensors(self.norms, (bits,))
-
-    def export_tensors_total(self, bits_set: Iterable[int]) -> dict[str, torch.Tensor]:
-        return switchable_norm_tensors(self.norms, bits_set)
-
-    def load_exported(self, tensors: dict[str, torch.Tensor], bits: int) -> None:
-        assign_tensors(self, tensors)
-
-    def load_exported_total(self, tensors: dict[str, torch.Tensor], bits_set: Iterable[int]) -> None:
-        assign_tensors(self, tensors)
 
 
 def set_model_bits(model: nn.Module, bits: int) -> None:
