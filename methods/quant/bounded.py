@@ -35,7 +35,8 @@ class _BoundedQuantize(torch.autograd.Function):
 
     Autograd through the composed formula builds about a dozen full-size tensors per call; one fused backward
     makes the quantizers a much smaller share of a CPU training step. Gradients are those of the composition:
-    STE through the rounding (EWGS-scaled if ``delta > 0``), the clamp's mask (inclusive, like ``torch.clamp``),
+    STE through the rounding (EWGS-scaled if ``delta > 0``), the clamp's mask (inclusive: exactly at a bound it
+    passes the gradient, where ``torch.clamp`` with scalar bounds passes none, a measure-zero difference),
     ``dn/dx = 1 / (u - l)``, ``dn/dl = (n - 1) / (u - l)``, ``dn/du = -n / (u - l)`` with ``n`` unclamped.
     """
 
