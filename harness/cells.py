@@ -35,12 +35,11 @@ class TrainedCell:
 
 def trained_cell(run_dir: Path, method_spec: str, seed: int | None = None) -> TrainedCell:
     """Rebuild the trained network of cell (``method_spec``, ``seed``; default the run's first seed) of a run folder:
-    the method's network as ``harness.train`` builds it, the last checkpoint's state, and -- for a method with a
-    ``finalize`` phase (EMQ's BN adaptation, which runs after the last checkpoint) -- that phase again on the same
-    batches, on the CPU, so the model is the one the record evaluated."""
+    the method's network as ``harness.train`` builds it with the state the record was evaluated with
+    (``final.pt``, written after the finalize phase). A folder from before ``final.pt`` existed gives the last
+    checkpoint's state, which is the evaluated one only for a method without a ``finalize`` phase."""
     from harness.config import RunSpec
     from harness.data import dataset_info
-    from harness.executors import load_data
     from harness.method import Method
     from harness.store import RunStore
     from harness.train import cell_spec, instantiate
@@ -59,15 +58,20 @@ def trained_cell(run_dir: Path, method_spec: str, seed: int | None = None) -> Tr
     if seed not in spec.seeds:
         raise MbqError(f"{run_dir} has no seed {seed}; its seeds: {', '.join(map(str, spec.seeds))}")
     record = store.load_record(method_spec, seed)
-    state = store.load_checkpoint(method_spec, seed)
+    final = store.load_final(method_spec, seed)
+    state = final if final is not None else store.load_checkpoint(method_spec, seed)
     if record is None or state is None:
         raise MbqError(f"cell {method_spec} seed {seed} of {run_dir} has not finished (no record.json or "
                        f"checkpoint.pt); run its comparison to the end first")
     method = instantiate(method_spec)
     cell = cell_spec(spec, method)
-    finalizes = type(method).finalize is not Method.finalize
-    data = load_data(cell) if finalizes else None
-    info = data.info if data is not None else dataset_info(cell.dataset)
+    if final is None and type(method).finalize is not Method.finalize:
+        # a folder written before final.pt existed: its checkpoint predates the finalize phase (replaying that phase
+        # in another process was measured to give other BN statistics), so the evaluated network is not on disk
+        raise MbqError(f"cell {method_spec} seed {seed} of {run_dir} has no final.pt (written by a version before "
+                       f"export existed) and its method changes the network after the last checkpoint; delete the "
+                       f"cell's record.json and run its comparison again")
+    info = dataset_info(cell.dataset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = method.build(cell.model, info.num_classes, cell.bits, info, cell.width)
@@ -77,27 +81,7 @@ def trained_cell(run_dir: Path, method_spec: str, seed: int | None = None) -> Tr
         raise MbqError(f"the checkpoint of {method_spec} seed {seed} does not fit the network this code builds "
                        f"({str(exc).splitlines()[0]})") from exc
     method.load_state_dict(state["method_state"])
-    if data is not None:
-        _finalize(method, model, cell, data, seed)
     return TrainedCell(method_spec, seed, method, model.eval(), cell, info, record)
-
-
-def _finalize(method: Method, model: nn.Module, cell: RunSpec, data: Any, seed: int) -> None:
-    """``harness.train``'s finalize phase of the cell, on the CPU: the same context and the same batches."""
-    from harness.loader import epoch_batches
-    from harness.method import RunContext
-    from harness.runtime import Runtime
-
-    device = torch.device("cpu")
-    schedule = cell.schedule
-    ctx = RunContext(bits=cell.bits, device=device, num_classes=data.info.num_classes, seed=seed,
-                     epochs=schedule.epochs, data_info=data.info, schedule=schedule, eval_bits=cell.evaluated_bits)
-    augment = schedule.augment and data.info.augment != "none"
-    batches = epoch_batches(data.train, schedule.batch_size, seed, schedule.epochs, augment, device)
-    model.train()
-    with Runtime(device, cell.amp).autocast():
-        method.finalize(model, batches, ctx)
-    model.eval()
 
 
 def parse_export_bits(text: str) -> int | str:

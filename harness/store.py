@@ -4,6 +4,7 @@ Layout of ``--out DIR``::
 
     spec.json  env.json  log.csv  summary.csv  table.md
     cells/<method-slug>__seed<k>/checkpoint.pt   (last completed epoch; resumes a killed run)
+    cells/<method-slug>__seed<k>/final.pt        (the evaluated state, after finalize; what ``export`` reads)
     cells/<method-slug>__seed<k>/record.json     (written once the cell is finished)
 
 Every file is written to a temporary file in the same folder and renamed over the target, so a reader (or a
@@ -176,6 +177,19 @@ class RunStore:
 
     def save_checkpoint(self, method_label: str, seed: int, state: dict[str, Any]) -> None:
         atomic_torch_save(self.checkpoint_path(method_label, seed), state)
+
+    def final_path(self, method_label: str, seed: int) -> Path:
+        return self.cell_dir(method_label, seed) / "final.pt"
+
+    def save_final(self, method_label: str, seed: int, state: dict[str, Any]) -> None:
+        """The model and method state the record was evaluated with (after the finalize phase)."""
+        atomic_torch_save(self.final_path(method_label, seed), state)
+
+    def load_final(self, method_label: str, seed: int) -> dict[str, Any] | None:
+        path = self.final_path(method_label, seed)
+        if not path.exists():
+            return None
+        return load_tensor_file(path, "final state", "delete it and rerun the cell")
 
     def save_artifacts(self, method_label: str, seed: int, artifacts: dict[str, Any]) -> None:
         atomic_torch_save(self.cell_dir(method_label, seed) / "artifacts.pt", artifacts)

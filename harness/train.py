@@ -297,6 +297,9 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
                                          channels_last=spec.channels_last)
         method.finalize(model, finalize_batches, ctx)
     distributed.average_buffers(model)
+    if store is not None:  # the evaluated state: an export reads it instead of replaying finalize
+        store.save_final(method_spec, seed, {"version": CHECKPOINT_VERSION, "model": model.state_dict(),
+                                             "method_state": method.state_dict()})
     with timer.phase("eval"):
         accuracy = evaluate_bits(model, method, data.test, spec.evaluated_bits, schedule.eval_batch_size,
                                  device, runtime)

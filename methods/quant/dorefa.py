@@ -10,6 +10,14 @@ Yu et al., "Any-Precision Deep Neural Networks" (AAAI 2021, arXiv 1911.07346):
 * activations, k < 32:  ``q_k(clamp(x, 0, 1))``; k = 32: ReLU (the authors' code) or the clamp (the paper).
 
 ``q_k`` is :func:`methods.quant.ste.quantize_unit`. Every bit-width re-quantizes from the latent weights.
+
+The activation quantizer runs as one autograd function (:class:`_ClampQuantize`): the composed formula records
+seven elementwise operations per call, each with its own full-size output, and it runs at every quantized
+convolution of every bit-width of every step. The fused forward is bit-identical to the composition (STE rounding
+``t + (round(t) - t)`` equals ``round(t)`` exactly in floating point: ``round(t) - t`` is exact), and its backward
+is the composition's gradient, ``g`` where ``0 < x < 1`` (the mask of ``torch.clamp`` with scalar bounds, which
+passes no gradient at the bounds themselves), else 0; the composition computes ``(g / L) * L``, which can differ
+from ``g`` in the last bit.
 """
 
 from __future__ import annotations
@@ -32,8 +40,30 @@ def dorefa_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return scale * (2 * quantize_unit(unit, bits) - 1)
 
 
+class _ClampQuantize(torch.autograd.Function):
+    """``round(L clamp(x, 0, 1)) / L`` forward; straight-through inside ``(0, 1)`` backward (one saved mask)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
+        inside = (x > 0) & (x < 1)
+        ctx.save_for_backward(inside)
+        return x.clamp(0.0, 1.0).mul_(levels).round_().div_(levels)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (inside,) = ctx.saved_tensors
+        return grad_output * inside, None
+
+
 def dorefa_activation(x: torch.Tensor, bits: int, full_precision_act: str = "relu") -> torch.Tensor:
     """Quantize an activation to ``bits``; at 32 bits apply ``full_precision_act`` ("relu" or "clamp")."""
+    if bits >= FULL_PRECISION:
+        return torch.relu(x) if full_precision_act == "relu" else torch.clamp(x, 0.0, 1.0)
+    return _ClampQuantize.apply(x, 2**bits - 1)
+
+
+def dorefa_activation_reference(x: torch.Tensor, bits: int, full_precision_act: str = "relu") -> torch.Tensor:
+    """:func:`dorefa_activation` as the composed formula (the reference the fused function is tested against)."""
     if bits >= FULL_PRECISION:
         return torch.relu(x) if full_precision_act == "relu" else torch.clamp(x, 0.0, 1.0)
     return quantize_unit(torch.clamp(x, 0.0, 1.0), bits)

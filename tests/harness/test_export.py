@@ -225,6 +225,17 @@ def test_export_command_writes_the_record_storage_and_the_evaluated_network(caps
     assert {b: accuracy[b]["top1"] for b in evaluated} == {b: record["results"][str(b)]["top1"] for b in evaluated}
 
 
+def test_a_folder_without_final_state_is_refused_for_a_method_that_finalizes(capsys, tmp_path, run_dir):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    (old / "cells" / "emq_prune_0__seed0" / "final.pt").unlink()
+    code = cli.run(["export", str(old), "--method", "emq:prune=0", "--bits", "2", "--out", str(tmp_path / "x.st")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "has no final.pt" in err and not (tmp_path / "x.st").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["{missing}", "--method", "emq:prune=0", "--bits", "2"], "does not exist"),
     (["{run}", "--method", "mbquant", "--bits", "2"], "has no cells of method 'mbquant'"),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from methods.quant.dorefa import dorefa_activation, dorefa_weight
+from methods.quant.dorefa import dorefa_activation, dorefa_activation_reference, dorefa_weight
 from methods.quant.ste import quantize_unit, round_ste
 
 # w = [0.5, -1, 0.25, 2]: tanh(w) = [0.462117, -0.761594, 0.244919, 0.964028], max|tanh| = 0.964028,
@@ -87,3 +87,20 @@ def test_quantize_unit_levels_are_k_bit_grid():
         codes = quantize_unit(u, bits) * (2**bits - 1)
         torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
         assert codes.round().unique().tolist() == list(range(2**bits))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 32])
+def test_fused_activation_equals_the_composed_formula(bits):
+    torch.manual_seed(bits)
+    # values on both sides of the clip, exactly at 0 and 1, and exactly on half steps of the grid
+    levels = 2**min(bits, 8) - 1
+    x = torch.cat((torch.randn(4096) * 0.8 + 0.5, torch.tensor([0.0, 1.0, -0.0, 0.5 / levels, 1.5 / levels])))
+    fused_x, reference_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused, reference = dorefa_activation(fused_x, bits), dorefa_activation_reference(reference_x, bits)
+    assert torch.equal(fused, reference)  # forward bit for bit
+    grad = torch.randn_like(x)
+    fused.backward(grad)
+    reference.backward(grad)
+    torch.testing.assert_close(fused_x.grad, reference_x.grad, rtol=1e-6, atol=0)
+    inside = (x > 0) & (x < 1) if bits < 32 else x > 0  # 32 bits: ReLU
+    assert torch.equal(fused_x.grad, grad * inside)  # exactly the straight-through mask
