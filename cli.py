@@ -123,7 +123,7 @@ def _print(text: str) -> None:
 @click.option("--model", default=None,
               help="Model name (see `list models`). [default: resnet8 on digits, else resnet20]")
 @click.option("--width", type=float, default=None,
-              help="Channel width multiplier of the model. [default: 0.5 on digits, else 1.0]")
+              help="Channel width multiplier of the model. [default: 1.0]")
 @click.option("--bits", default="2,4,8", show_default=True,
               help="Bit-widths to train and evaluate (1..32; MBQuant needs 2 or more, 32 is full precision).")
 @click.option("--eval-bits", default=None,
@@ -179,7 +179,7 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
     cost. Writes spec.json, env.json, log.csv, summary.csv, stats.csv, table.md/.tex, accuracy.png, pareto.png
     and checkpoints. Under `torchrun --nproc_per_node N cli.py compare ...` training is data-parallel.
     The model, width, epochs and batch size a flag does not set come from the data set's defaults (on digits:
-    resnet8 at width 0.5, 60 epochs, batch 32, which keep every method in its regime on two CPU cores)."""
+    resnet8, 60 epochs, batch 32, which keep every method in its regime on two CPU cores)."""
     from harness.compare import run_comparison
     from harness.recipes import resolve, resolve_optimizer
 

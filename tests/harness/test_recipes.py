@@ -16,7 +16,7 @@ from harness.report import caption
 
 def test_digits_has_its_own_recipe_and_every_other_set_the_generic_one():
     digits = default_recipe("digits")
-    assert (digits.model, digits.width, digits.epochs, digits.batch_size) == ("resnet8", 0.5, 60, 32)
+    assert (digits.model, digits.width, digits.epochs, digits.batch_size) == ("resnet8", 1.0, 60, 32)
     assert default_recipe("fashion-mnist") == GENERIC
     assert (GENERIC.model, GENERIC.width, GENERIC.epochs, GENERIC.batch_size) == ("resnet20", 1.0, 20, 128)
 
@@ -39,8 +39,8 @@ def capture_spec(monkeypatch, args):
 
 
 @pytest.mark.parametrize("args,expected", [
-    ([], ("resnet8", 0.5, 60, 32)),
-    (["--model", "resnet20", "--epochs", "5"], ("resnet20", 0.5, 5, 32)),
+    ([], ("resnet8", 1.0, 60, 32)),
+    (["--model", "resnet20", "--epochs", "5"], ("resnet20", 1.0, 5, 32)),
     (["--dataset", "fashion-mnist"], ("resnet20", 1.0, 20, 128)),
     (["--dataset", "fashion-mnist", "--width", "0.25", "--batch-size", "64"], ("resnet20", 0.25, 20, 64)),
 ])
