@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainedCell:
-    """A finished cell of a run folder, rebuilt as it was evaluated (checkpoint, then the method's finalize)."""
+    """A finished cell of a run folder, rebuilt with the state its record was evaluated with."""
 
     method_spec: str
     seed: int
@@ -59,18 +59,18 @@ def trained_cell(run_dir: Path, method_spec: str, seed: int | None = None) -> Tr
         raise MbqError(f"{run_dir} has no seed {seed}; its seeds: {', '.join(map(str, spec.seeds))}")
     record = store.load_record(method_spec, seed)
     final = store.load_final(method_spec, seed)
-    state = final if final is not None else store.load_checkpoint(method_spec, seed)
-    if record is None or state is None:
-        raise MbqError(f"cell {method_spec} seed {seed} of {run_dir} has not finished (no record.json or "
-                       f"checkpoint.pt); run its comparison to the end first")
     method = instantiate(method_spec)
-    cell = cell_spec(spec, method)
-    if final is None and type(method).finalize is not Method.finalize:
+    if record is not None and final is None and type(method).finalize is not Method.finalize:
         # a folder written before final.pt existed: its checkpoint predates the finalize phase (replaying that phase
         # in another process was measured to give other BN statistics), so the evaluated network is not on disk
         raise MbqError(f"cell {method_spec} seed {seed} of {run_dir} has no final.pt (written by a version before "
                        f"export existed) and its method changes the network after the last checkpoint; delete the "
                        f"cell's record.json and run its comparison again")
+    state = final if final is not None else store.load_checkpoint(method_spec, seed)
+    if record is None or state is None:
+        raise MbqError(f"cell {method_spec} seed {seed} of {run_dir} has not finished (no record.json or "
+                       f"checkpoint.pt); run its comparison to the end first")
+    cell = cell_spec(spec, method)
     info = dataset_info(cell.dataset)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -88,7 +88,6 @@ RESNET_RECIPE = OptimizerRecipe(name="resnet-sgd", optimizer="sgd", lr=_GENERIC_
 DEIT_RECIPE = OptimizerRecipe(name="deit-adamw", optimizer="adamw", lr=5e-4, lr_schedule="cosine", momentum=0.9,
                               weight_decay=0.05, warmup_share=5 / 300, lr_batch=512)
 VIT_MODELS = ("deit_tiny",)
-OPTIMIZER_FLAGS = ("optimizer", "lr", "lr_schedule", "momentum", "weight_decay", "warmup_epochs")
 
 
 def optimizer_recipe(model: str) -> OptimizerRecipe:
@@ -98,9 +97,6 @@ def optimizer_recipe(model: str) -> OptimizerRecipe:
 def resolve_optimizer(model: str, epochs: int, batch_size: int, **given: object) -> dict[str, object]:
     """Schedule fields for the optimizer flags ``given`` (``None``: left out): the model family's recipe when
     every one is left out, else the given values over :class:`~harness.config.Schedule`'s defaults."""
-    unknown = set(given) - set(OPTIMIZER_FLAGS)
-    if unknown:
-        raise ValueError(f"not optimizer flags: {sorted(unknown)}")
     if all(value is None for value in given.values()):
         return optimizer_recipe(model).settings(epochs, batch_size)
     resolved = {name: getattr(_GENERIC_SCHEDULE, name) if value is None else value for name, value in given.items()}
