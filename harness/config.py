@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from harness.errors import ConfigError
+from harness.threads import default_loader_workers
 
 MAX_BITS = 32
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -212,6 +213,10 @@ class RunSpec(JsonConfig):
     seed, as the table's reference row; "none" skips it. Listing ``fp`` in ``methods`` as well is the same as
     the reference (it is dropped from ``methods``, so it trains once); with ``reference="none"`` it is an error.
     A spec.json written before this field existed loads with the default.
+
+    ``workers``: DataLoader processes that decode folder data sets (0: the training process; default: the
+    available CPUs, at most 8). It changes no batch, so it is left out of the spec's JSON (``spec.json``, the run
+    folder's hash, the resume check): a run resumed with another ``--workers`` is the same comparison.
     """
 
     methods: tuple[str, ...]
@@ -232,6 +237,12 @@ class RunSpec(JsonConfig):
     compile: bool = False
     data_placement: str = "auto"
     reference: str = REFERENCE_METHOD
+    workers: int = field(default_factory=default_loader_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        del data["workers"]  # how fast images are decoded, never which: see the class docstring
+        return data
 
     @property
     def cell_methods(self) -> tuple[str, ...]:
@@ -283,6 +294,9 @@ class RunSpec(JsonConfig):
         for name in ("channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"--workers must be a non-negative integer (0: decode in the training process), "
+                              f"got {self.workers!r}")
         if self.baseline is not None and self.baseline not in self.cell_methods:
             raise ConfigError(f"baseline {self.baseline!r} is not one of the compared methods")
 

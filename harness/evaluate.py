@@ -7,22 +7,26 @@ import contextlib
 import torch
 from torch import nn
 
-from harness.data import ImageSet
+from harness.imageset import ImageSet
+from harness.loader import eval_batches
 from harness.runtime import Runtime
 
 
 @torch.no_grad()
 def evaluate_bits(model: nn.Module, method, test_set: ImageSet, bits: tuple[int, ...], batch_size: int,
-                  device: torch.device, runtime: Runtime | None = None) -> dict[int, dict[str, float]]:
-    """``{bits: {"top1": %, "top5": %}}``; top-5 is top-k with k = min(5, number of classes)."""
+                  device: torch.device, runtime: Runtime | None = None,
+                  workers: int = 0) -> dict[int, dict[str, float]]:
+    """``{bits: {"top1": %, "top5": %}}``; top-5 is top-k with k = min(5, number of classes).
+
+    ``workers``: DataLoader processes decoding a folder test split (``harness.loader.eval_batches``).
+    """
     model.eval()
     results: dict[int, dict[str, float]] = {}
-    order = torch.arange(len(test_set))
     for b in bits:
         method.set_bits(model, b)
         correct1 = correct5 = 0
-        for chunk in torch.split(order, batch_size):
-            x = runtime.prepare_input(test_set.get_batch(chunk)) if runtime else test_set.get_batch(chunk).to(device)
+        for x, chunk in eval_batches(test_set, batch_size, device, workers):
+            x = runtime.prepare_input(x) if runtime else x.to(device)
             y = test_set.labels[chunk].to(device)
             with runtime.autocast() if runtime else contextlib.nullcontext():
                 logits = model(x)

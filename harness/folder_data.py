@@ -20,7 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image, read_file
+
+try:  # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; PIL alone still reads every file
+    from torchvision.io import ImageReadMode, decode_image, read_file
+except ImportError:  # pragma: no cover - a torchvision without image ops
+    decode_image = None
 
 from harness.augment import augment_crop_flip, crop_flip_one, random_resized_crop_flip, resize_center_crop
 from harness.imageset import DatasetInfo, ImageSet, as_index, data_error, missing, require_generator, subdir
@@ -38,12 +42,13 @@ def read_image(path: Path) -> torch.Tensor:
     RGB conversion on the baseline, grayscale, CMYK, palette and RGBA files checked); anything it rejects or
     returns at another depth goes to PIL, whose error names what is wrong with the file.
     """
-    try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        if image.dtype == torch.uint8:
-            return image
-    except RuntimeError:
-        pass  # PIL below either decodes it or says why it cannot (torchvision's message names its own source)
+    if decode_image is not None:
+        try:
+            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+            if image.dtype == torch.uint8:
+                return image
+        except RuntimeError:
+            pass  # PIL below decodes it or says why it cannot (torchvision's message names its own C++ source)
     try:
         with Image.open(path) as pil_image:
             array = np.array(pil_image.convert("RGB"), dtype=np.uint8)

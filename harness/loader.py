@@ -1,25 +1,70 @@
 """Epoch batches in a reproducible order: the same seed gives the same order and augmentation to every method.
 
 Randomness comes only from generators derived from (seed, epoch, stream), never from the global RNG, so a
-resumed run replays exactly the batches the uninterrupted run would have seen.
+resumed run replays exactly the batches the uninterrupted run would have seen. The batch order of a stream is
+one permutation drawn over the whole data set; under ``torchrun`` each rank takes its share of every global
+batch (:func:`harness.distributed.shard`). Two paths produce the images:
+
+* In-memory splits (digits, Fashion-MNIST, CIFAR, synthetic): ``get_batch`` gathers and augments the whole global
+  batch at once, drawing from one augmentation generator per stream; every rank draws the whole batch (so its
+  generator stays in step with the other ranks') and keeps its share. Cheap, and their numbers never change.
+* Per-sample splits (image folders: TinyImageNet, ImageNet): a ``torch.utils.data.DataLoader`` with ``workers``
+  processes (``--workers``; 0: this process), prefetching and, on CUDA, pinned memory, decodes only this rank's
+  share of each global batch. Each sample's augmentation is seeded by :func:`sample_seed` (seed, epoch, stream,
+  sample index), a pure function, so the batches are bit-identical whatever the number of workers and ranks, and
+  on resume. Workers return uint8 images; the scaling to float32 in [0, 1] happens after the copy to the device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from harness import distributed
-from harness.data import ImageSet
+from harness.errors import DataError
+from harness.imageset import ImageSet
 from harness.method import Batch
 
 ORDER_STREAM = 0
 AUGMENT_STREAM = 1
+PREFETCH_FACTOR = 2  # batches each worker decodes ahead
+
+_MASK64 = (1 << 64) - 1
 
 
 def derived_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 10_007 + stream * 101 + 17) % (2**63))
+    return torch.Generator().manual_seed(_derived_seed(seed, epoch, stream))
+
+
+def _derived_seed(seed: int, epoch: int, stream: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + stream * 101 + 17) % (2**63)
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def sample_seed(seed: int, epoch: int, stream: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` (its position in the split) in ``stream`` of ``epoch``.
+
+    A pure function of its arguments (no state advances), mixed with splitmix64 so that neighbouring samples and
+    epochs get unrelated generator seeds.
+    """
+    return _seed_of(_stream_base(seed, epoch, stream), index)
+
+
+def _stream_base(seed: int, epoch: int, stream: int) -> int:
+    return _splitmix64(_derived_seed(seed, epoch, AUGMENT_STREAM + stream))
+
+
+def _seed_of(base: int, index: int) -> int:
+    return _splitmix64(base ^ index) % (2**63)
 
 
 def _chunks(indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -30,21 +75,137 @@ def _chunks(indices: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return chunks
 
 
+def _global_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: int, stream: int) -> list[torch.Tensor]:
+    order = indices[torch.randperm(len(indices), generator=derived_generator(seed, epoch, ORDER_STREAM + stream))]
+    return _chunks(order, batch_size)
+
+
+def _to_batch(dataset: ImageSet, x: torch.Tensor, indices: torch.Tensor, device: torch.device,
+              channels_last: bool) -> Batch:
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:  # decoded samples travel as uint8 (4x less to copy); scaled where they land
+        x = x.to(torch.float32) / 255.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return Batch(x, dataset.labels[indices].to(device, non_blocking=True), indices)
+
+
 def _stream(dataset: ImageSet, indices: torch.Tensor, batch_size: int, seed: int, epoch: int, stream: int,
             augment: bool, device: torch.device, channels_last: bool) -> Iterator[Batch]:
-    order = indices[torch.randperm(len(indices), generator=derived_generator(seed, epoch, ORDER_STREAM + stream))]
+    """An in-memory split's batches: one augmentation generator per stream, drawn over the global batch."""
     aug_generator = derived_generator(seed, epoch, AUGMENT_STREAM + stream)
-    for chunk in _chunks(order, batch_size):
+    for chunk in _global_batches(indices, batch_size, seed, epoch, stream):
         x = dataset.get_batch(chunk, augment=augment, generator=aug_generator)
         if distributed.is_active():
             # Every rank draws the whole global batch's augmentation so its generator stays in step with the
-            # other ranks', then keeps its own share (folder data sets thus decode the whole batch on every rank).
+            # other ranks', then keeps its own share.
             keep = distributed.shard(torch.arange(len(chunk)))
             chunk, x = chunk[keep], x[keep.to(x.device)]
-        x = x.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        yield Batch(x, dataset.labels[chunk].to(device, non_blocking=True), chunk)
+        yield _to_batch(dataset, x, chunk, device, channels_last)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-sample splits through a DataLoader
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """A sample that could not be decoded, passed back from a worker as data: DataLoader would re-raise the
+    worker's DataError with its traceback folded into the message, and the CLI shows exactly one line."""
+
+    message: str
+
+
+class SampleDataset(Dataset):
+    """``ImageSet.load_sample`` behind a DataLoader; a key is ``(index, sample_seed)``, seed None for no augment."""
+
+    def __init__(self, split: ImageSet) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> torch.Tensor | DecodeFailure:
+        index, seed = key
+        try:
+            return self.split.load_sample(index, seed is not None, seed)
+        except DataError as exc:
+            return DecodeFailure(str(exc))
+
+
+def _collate(samples: list[torch.Tensor | DecodeFailure]) -> torch.Tensor | DecodeFailure:
+    failure = next((s for s in samples if isinstance(s, DecodeFailure)), None)
+    if failure is not None:
+        return failure
+    return torch.stack(samples) if samples else torch.empty(0, dtype=torch.uint8)
+
+
+class BatchKeys:
+    """The DataLoader's batch sampler: per batch, its ``(index, sample_seed)`` keys, made as the loader asks.
+
+    ``plan``: one ``(indices, stream)`` per batch, ``stream`` None for no augmentation. Lazy, so an ImageNet epoch
+    does not hold a million keys at once.
+    """
+
+    def __init__(self, plan: list[tuple[torch.Tensor, int | None]], seed: int = 0, epoch: int = 0) -> None:
+        self.plan = plan
+        self.bases = {stream: _stream_base(seed, epoch, stream) for _, stream in plan if stream is not None}
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
+        for indices, stream in self.plan:
+            base = self.bases.get(stream) if stream is not None else None
+            yield [(i, None if base is None else _seed_of(base, i)) for i in indices.tolist()]
+
+
+def decoded_batches(dataset: ImageSet, keys: BatchKeys, workers: int = 0,
+                    pin_memory: bool = False) -> Iterator[torch.Tensor]:
+    """uint8 ``(B, C, H, W)`` images of each batch of ``keys``, in order, decoded by ``workers`` processes."""
+    if not len(keys):
+        return
+    workers = min(workers, len(keys))  # a short eval split need not start eight processes
+    # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which the
+    # training process's methods may use (no augmentation uses the workers' RNG: every draw is seeded per sample).
+    loader = DataLoader(SampleDataset(dataset), batch_sampler=keys, num_workers=workers, collate_fn=_collate,
+                        pin_memory=pin_memory, prefetch_factor=PREFETCH_FACTOR if workers else None,
+                        generator=torch.Generator())
+    empty: torch.Tensor | None = None
+    for images in loader:
+        if isinstance(images, DecodeFailure):
+            raise DataError(images.message)
+        if images.ndim == 1:  # an empty share (more ranks than samples in a batch): keep the image shape
+            empty = empty if empty is not None else dataset.get_batch(torch.empty(0, dtype=torch.long))
+            images = empty.to(torch.uint8)
+        yield images
+
+
+def _sample_stream_batches(dataset: ImageSet, streams: list[tuple[torch.Tensor, int]], batch_size: int, seed: int,
+                           epoch: int, augment: bool, device: torch.device, channels_last: bool,
+                           workers: int) -> Iterator[list[Batch]]:
+    """Zipped batches of several streams of a per-sample split (stops with the shortest stream), one DataLoader
+    for all of them so that per-bit-width streams share the workers."""
+    shares_by_stream = []
+    for indices, stream in streams:
+        # The order is the global one; this rank keeps its contiguous share and decodes nothing else.
+        shares_by_stream.append([(chunk[distributed.shard(torch.arange(len(chunk)))], stream if augment else None)
+                                 for chunk in _global_batches(indices, batch_size, seed, epoch, stream)])
+    steps = min(len(shares) for shares in shares_by_stream)
+    plan = [shares[step] for step in range(steps) for shares in shares_by_stream]
+    images = decoded_batches(dataset, BatchKeys(plan, seed, epoch), workers, pin_memory=device.type == "cuda")
+    group: list[Batch] = []
+    for (share, _), x in zip(plan, images):
+        group.append(_to_batch(dataset, x, share, device, channels_last))
+        if len(group) == len(streams):
+            yield group
+            group = []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
@@ -52,20 +213,44 @@ def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
 
 
 def epoch_batches(dataset: ImageSet, batch_size: int, seed: int, epoch: int, augment: bool, device: torch.device,
-                  per_bits: dict[int, torch.Tensor] | None = None, channels_last: bool = False) -> Iterator[Batch]:
+                  per_bits: dict[int, torch.Tensor] | None = None, channels_last: bool = False,
+                  workers: int = 0) -> Iterator[Batch]:
     """Batches of one epoch: all samples shuffled, or (``per_bits``) one stream per bit-width zipped together.
 
     Per-bit streams stop with the shortest; the common batch is the highest bit-width's. Under ``torchrun`` each
-    rank gets its share of every global batch (:func:`harness.distributed.shard`).
+    rank gets its share of every global batch (:func:`harness.distributed.shard`). ``workers``: DataLoader
+    processes for per-sample (folder) splits, 0 to decode here; it changes no image.
     """
-    if per_bits is None:
-        yield from _stream(dataset, torch.arange(len(dataset)), batch_size, seed, epoch, 0, augment, device,
-                           channels_last)
-        return
-    bits = sorted(per_bits)
-    streams = [_stream(dataset, per_bits[b], batch_size, seed, epoch, 2 * (i + 1), augment, device, channels_last)
-               for i, b in enumerate(bits)]
-    for batches in zip(*streams):
+    bits = sorted(per_bits) if per_bits is not None else [None]
+    indices = [torch.arange(len(dataset))] if per_bits is None else [per_bits[b] for b in bits]
+    stream_ids = [0] if per_bits is None else [2 * (i + 1) for i in range(len(bits))]
+    if dataset.per_sample:
+        groups = _sample_stream_batches(dataset, list(zip(indices, stream_ids)), batch_size, seed, epoch, augment,
+                                        device, channels_last, workers)
+    else:
+        groups = zip(*[_stream(dataset, idx, batch_size, seed, epoch, stream, augment, device, channels_last)
+                       for idx, stream in zip(indices, stream_ids)])
+    for batches in groups:
+        if per_bits is None:
+            yield batches[0]
+            continue
         by_bits = dict(zip(bits, batches))
         top = by_bits[bits[-1]]
         yield Batch(top.x, top.y, top.indices, per_bits=by_bits)
+
+
+def eval_batches(dataset: ImageSet, batch_size: int, device: torch.device,
+                 workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(images, indices)`` of the eval view (no augmentation) in index order, every sample once.
+
+    In-memory splits give ``get_batch`` (where the split lives); per-sample splits are decoded by ``workers``
+    DataLoader processes and come out float32 on ``device``.
+    """
+    chunks = list(torch.split(torch.arange(len(dataset)), batch_size))
+    if not dataset.per_sample:
+        for chunk in chunks:
+            yield dataset.get_batch(chunk), chunk
+        return
+    keys = BatchKeys([(chunk, None) for chunk in chunks])
+    for chunk, x in zip(chunks, decoded_batches(dataset, keys, workers, pin_memory=device.type == "cuda")):
+        yield x.to(device, non_blocking=True).to(torch.float32) / 255.0, chunk

@@ -56,6 +56,8 @@ class RunContext:
     schedule: Any = None
     show_progress: bool = False
     eval_bits: tuple[int, ...] = ()
+    #: DataLoader processes for folder data sets (``RunSpec.workers``); pass it on to ``epoch_batches``
+    workers: int = 0
     #: saves a checkpoint of the prepare phase so far (the method's ``state_dict`` holds its progress); a resumed
     #: run calls ``prepare`` again, which continues from that state. A no-op without a run folder.
     checkpoint_prepare: Callable[[], None] = field(default=lambda: None, repr=False)

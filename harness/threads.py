@@ -1,4 +1,4 @@
-"""CPU thread defaults that behave on a shared machine.
+"""CPU thread (and data-loader process) defaults that behave on a shared machine.
 
 PyTorch's OpenMP threads spin while they wait for work; on a machine where another process is busy, the spinning
 threads and that process take turns on the cores and a training step slows many times over. Passive waiting
@@ -11,7 +11,8 @@ OpenMP runtime (unless the environment sets ``OMP_WAIT_POLICY``). The sample is 
 wait passively and run at half speed. Where ``/proc/stat`` is missing the load average decides. It uses as many
 threads as the CPUs this process may run on (its CPU affinity: a cluster job's allocation, a ``taskset`` mask).
 ``--threads N`` or ``OMP_NUM_THREADS`` override the count; ``OMP_WAIT_POLICY=PASSIVE`` or ``ACTIVE`` force a
-policy.
+policy. Folder data sets are decoded by ``default_loader_workers()`` DataLoader processes unless ``--workers`` says
+otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ BUSY_CORES = 0.5  # half a core kept busy by others: one CPU-bound process, not 
 BUSY_LOAD = 0.5  # the fallback: one other process running for most of the last minute
 SAMPLE_SECONDS = 0.15
 PROC_STAT = "/proc/stat"
+MAX_LOADER_WORKERS = 8  # the default's cap: more decoding processes than this rarely feed one device faster
 _IDLE_FIELDS = (3, 4)  # idle, iowait (the fields after "cpuN": user nice system idle iowait irq softirq steal ...)
 
 
@@ -75,6 +77,11 @@ def _affinity() -> set[int]:
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the platform has one)."""
     return max(1, len(_affinity()))
+
+
+def default_loader_workers() -> int:
+    """DataLoader worker processes for folder data sets by default: the available CPUs, at most 8."""
+    return min(MAX_LOADER_WORKERS, available_cpus())
 
 
 def configure_threads(threads: int | None) -> int:

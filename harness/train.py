@@ -161,7 +161,7 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
     optimizers = build_optimizers(model, method.param_groups(model), schedule)
     ctx = RunContext(bits=spec.bits, device=device, num_classes=data.info.num_classes, seed=seed,
                      epochs=schedule.epochs, data_info=data.info, schedule=schedule, show_progress=show_progress,
-                     eval_bits=spec.evaluated_bits)
+                     eval_bits=spec.evaluated_bits, workers=spec.workers)
     timer = PhaseTimer(device)
     start_epoch, prepared, budget_spent, log = 0, False, False, []
     train_budget_start: float | None = None  # cost already spent when training began (the prepare phase)
@@ -240,7 +240,7 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
                 method.before_epoch(model, epoch, data.train, ctx)
         per_bits = method.epoch_indices(epoch, data.train, spec.bits)
         batches = epoch_batches(data.train, schedule.batch_size, seed, epoch, augment, device, per_bits,
-                                channels_last=spec.channels_last)
+                                channels_last=spec.channels_last, workers=spec.workers)
         epoch_steps = steps if per_bits is None else steps_per_epoch(
             min(len(v) for v in per_bits.values()), schedule.batch_size)
         model.train()
@@ -294,7 +294,7 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
     model.train()
     with timer.phase("finalize"), runtime.autocast():
         finalize_batches = epoch_batches(data.train, schedule.batch_size, seed, schedule.epochs, augment, device,
-                                         channels_last=spec.channels_last)
+                                         channels_last=spec.channels_last, workers=spec.workers)
         method.finalize(model, finalize_batches, ctx)
     distributed.average_buffers(model)
     if store is not None:  # the evaluated state: an export reads it instead of replaying finalize
@@ -302,7 +302,7 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
                                              "method_state": method.state_dict()})
     with timer.phase("eval"):
         accuracy = evaluate_bits(model, method, data.test, spec.evaluated_bits, schedule.eval_batch_size,
-                                 device, runtime)
+                                 device, runtime, workers=spec.workers)
     passes = distributed.sum_counter(ctx.passes, device)
     record = make_record(spec, method_spec, method, seed, model, accuracy, passes, timer, device, log, world)
     record["runtime"]["onednn"] = not onednn_off

@@ -95,7 +95,8 @@ def scoring_run(method: Any, initial: nn.Module, train_set: ImageSet, bits: tupl
         first_epoch = int(running["epochs_done"])
     for epoch in range(first_epoch, score_epochs):
         probabilities = {b: torch.zeros(num_samples, ctx.num_classes, device=ctx.device) for b in bits}
-        batches = epoch_batches(train_set, schedule.batch_size, stream_seed, epoch, augment, ctx.device)
+        batches = epoch_batches(train_set, schedule.batch_size, stream_seed, epoch, augment, ctx.device,
+                                workers=ctx.workers)
         label = f"emq scoring {'/'.join(map(str, bits))}-bit ep{epoch + 1}/{score_epochs}"
         for index, batch in enumerate(tqdm(batches, total=steps, desc=label, leave=False,
                                            disable=not ctx.show_progress, dynamic_ncols=True)):

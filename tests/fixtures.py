@@ -54,6 +54,28 @@ def write_imagefolder(root: Path, classes: int = 2, per_class: int = 2, size: tu
     return folder
 
 
+def write_tinyimagenet(root: Path, classes: int = 2, per_class: int = 3, val: int = 4, size: int = 64) -> Path:
+    """tiny-imagenet-200/ layout: wnids.txt, train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+    folder = root / "tiny-imagenet-200"
+    rng = np.random.default_rng(1)
+    wnids = [f"n{c:08d}" for c in range(classes)]
+    for wnid in wnids:
+        target = folder / "train" / wnid / "images"
+        target.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(target / f"{wnid}_{i}.JPEG", format="JPEG")
+    (folder / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i in range(val):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "val" / "images" / f"val_{i}.JPEG", format="JPEG")
+        lines.append(f"val_{i}.JPEG\t{wnids[i % classes]}\t0\t0\t1\t1")
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    return folder
+
+
 def write_fashion_mnist(root: Path, train: int = 10, test: int = 4) -> Path:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
@@ -76,6 +98,8 @@ def write_dataset(root: Path, dataset: str) -> Path:
         write_cifar(root, dataset)
     elif dataset == "imagenet":
         write_imagefolder(root)
+    elif dataset == "tinyimagenet":
+        write_tinyimagenet(root)
     elif dataset == "fashion-mnist":
         write_fashion_mnist(root)
     else:
