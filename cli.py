@@ -147,7 +147,8 @@ def _print(text: str) -> None:
 @click.option("--optimizer", default=None,
               help="sgd, adam or adamw. Leaving out all of --optimizer, --lr, --lr-schedule, --momentum, "
                    "--weight-decay and --warmup-epochs picks the model family's recipe (ResNets: SGD lr 0.05 cosine; "
-                   "deit_tiny: AdamW lr 5e-4 x batch/512, weight decay 0.05, warm-up, cosine); giving any of them "
+                   "ViTs: AdamW, weight decay 0.05, warm-up, cosine, lr 5e-4 x batch/512 on ImageNet, 1e-3 elsewhere); "
+                   "giving any of them "
                    "leaves the others at the generic defaults shown.  [default: sgd]")
 @click.option("--lr", type=float, default=None, help=f"Base learning rate.  [default: {DEFAULTS.lr}]")
 @click.option("--lr-schedule", default=None,
@@ -191,7 +192,7 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
     budget_kind, budget_amount = parse_budget(budget) if budget is not None else (None, None)
     defaults = resolve(dataset, model=model, width=width, epochs=epochs, batch_size=batch_size)
     model, width, epochs, batch_size = defaults["model"], defaults["width"], defaults["epochs"], defaults["batch_size"]
-    optimizer_settings = resolve_optimizer(model, epochs, batch_size, optimizer=optimizer, lr=lr,
+    optimizer_settings = resolve_optimizer(model, epochs, batch_size, dataset, optimizer=optimizer, lr=lr,
                                            lr_schedule=lr_schedule, momentum=momentum, weight_decay=weight_decay,
                                            warmup_epochs=warmup_epochs)
     runtime = _runtime_fields(kwargs)

@@ -4,8 +4,9 @@ Kim, An, Jeon, Ko, "Efficient Multi-bit Quantization Network Training via Weight
 Coreset Sampling", NeurIPS 2025, arXiv 2510.20673. Documentation: ``docs/methods/emq.md``.
 
 * Quantizers. CNNs: DoReFa weights and activations as Any-Precision (:mod:`methods.quant.dorefa`), every
-  bit-width re-quantizing the latent weights. ViTs (``deit_tiny``): StatsQ weights (:mod:`methods.quant.statsq`)
-  and LSQ input activations (:mod:`methods.quant.lsq`) on every linear layer but the classifier.
+  bit-width re-quantizing the latent weights. ViTs (``deit_tiny``, ``deit_micro``): StatsQ weights
+  (:mod:`methods.quant.statsq`) and LSQ input activations (:mod:`methods.quant.lsq`) on every linear layer but
+  the classifier.
 * Weight bias correction (Eq. 2, :mod:`methods.quant.bias_correction`): at every forward pass below 32 bits,
   ``w'_q = sqrt(V[w] / V[w_q]) (w_q + E[w] - E[w_q])`` against the 32-bit weight the same quantizer produces.
 * Shared BN (:mod:`methods.quant.shared_bn`): one BN for every bit-width except 1 bit (own BN); BN adaptation in
@@ -86,7 +87,7 @@ from harness.data import ImageSet
 from harness.errors import ConfigError
 from harness.loader import derived_generator
 from harness.method import Batch, Method, RunContext
-from harness.models import CONVOLUTIONAL_MODELS
+from harness.models import CONVOLUTIONAL_MODELS, VIT_MODELS
 from harness.registry import register_method
 from harness.topology import Site, declare_topology, quantize_model
 from methods.anyprecision import create_fp_model
@@ -108,7 +109,6 @@ from methods.quant.shared_bn import SharedBatchNorm2d, adapt_batchnorm
 from methods.quant.statsq import statsq_weight
 from methods.quant.vit import quantize_vit
 
-VIT_MODELS = ("deit_tiny",)
 # Streams of harness.loader.derived_generator; far from the loader's own (0, 1, 2, 3, ...).
 CORESET_STREAM = 1000
 

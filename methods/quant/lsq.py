@@ -48,8 +48,47 @@ def features_per_sample(x: torch.Tensor) -> int:
     return x[0].numel() if x.dim() > 1 else x.numel()
 
 
+class _LSQQuantize(torch.autograd.Function):
+    """LSQ in one autograd node: forward ``round(clip(x / s, -Q_n, Q_p)) s``; backward the closed form.
+
+    The composed formula saves three activation-sized tensors per call (``x``, ``x / s`` and the rounded levels)
+    and records five elementwise nodes; this saves ``x`` alone and recomputes ``x / s`` in the backward pass.
+    Gradients: ``x`` gets ``g`` where ``-Q_n < x / s < Q_p`` (the open range, as ``torch.clamp``'s mask), else 0;
+    the step gets ``scale * sum(g * (round(v) - v))`` inside, ``g * -Q_n`` below and ``g * Q_p`` above.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, step: torch.Tensor, q_neg: int, q_pos: int, gradient_scale: float):
+        # The composition's forward step is (s - s g) + s g (scale_gradient), which can differ from s in the last
+        # bit; using the same value keeps the forward bit-identical to it.
+        forward_step = (step - step * gradient_scale) + step * gradient_scale
+        ctx.save_for_backward(x, forward_step)
+        ctx.levels = (q_neg, q_pos)
+        ctx.gradient_scale = gradient_scale
+        return torch.clamp(x / forward_step, -q_neg, q_pos).round_().mul_(forward_step)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, forward_step = ctx.saved_tensors
+        q_neg, q_pos = ctx.levels
+        unit = x / forward_step
+        inside = (unit > -q_neg) & (unit < q_pos)
+        grad_x = grad_output * inside if ctx.needs_input_grad[0] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            local = torch.where(inside, unit.round() - unit, unit.clamp(-q_neg, q_pos))
+            grad_step = (grad_output * local).sum().mul(ctx.gradient_scale).reshape(forward_step.shape)
+        return grad_x, grad_step, None, None, None
+
+
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """LSQ forward at ``bits`` with the step-gradient scale ``1 / sqrt(N Q_p)``."""
+    """LSQ forward at ``bits`` with the step-gradient scale ``1 / sqrt(N Q_p)`` (one fused autograd node)."""
+    q_neg, q_pos = signed_levels(bits)
+    return _LSQQuantize.apply(x, step, q_neg, q_pos, 1.0 / math.sqrt(features_per_sample(x) * q_pos))
+
+
+def lsq_quantize_reference(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`lsq_quantize` as the composed formula (the reference the fused node is tested against)."""
     q_neg, q_pos = signed_levels(bits)
     step = scale_gradient(step, 1.0 / math.sqrt(features_per_sample(x) * q_pos))
     return round_ste(torch.clamp(x / step, -q_neg, q_pos)) * step

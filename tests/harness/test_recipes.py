@@ -10,7 +10,15 @@ import cli
 from harness import compare as compare_module
 from harness.config import Schedule
 from harness.models import create_model
-from harness.recipes import DEIT_RECIPE, GENERIC, default_recipe, resolve
+from harness.recipes import (
+    DEIT_RECIPE,
+    GENERIC,
+    RESNET_RECIPE,
+    VIT_SMALL_DATA_RECIPE,
+    default_recipe,
+    optimizer_recipe,
+    resolve,
+)
 from harness.report import caption
 
 
@@ -76,7 +84,9 @@ def test_deit_recipe_scales_lr_by_batch_and_warms_up_five_of_every_300_epochs():
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--model", "deit_tiny", "--epochs", "60"], ("adamw", 5e-4 * 32 / 512, "cosine", 0.9, 0.05, 1, "deit-adamw")),
+    (["--model", "deit_tiny", "--epochs", "60"], ("adamw", 1e-3, "cosine", 0.9, 0.05, 1, "vit-small-data")),
+    (["--model", "deit_micro", "--dataset", "imagenet", "--epochs", "60"],
+     ("adamw", 5e-4 * 128 / 512, "cosine", 0.9, 0.05, 1, "deit-adamw")),
     (["--model", "resnet20"], ("sgd", 0.05, "cosine", 0.9, 5e-4, 0, "resnet-sgd")),
     # any optimizer flag: no recipe, the generic defaults for the rest
     (["--model", "deit_tiny", "--lr", "0.001"], ("sgd", 0.001, "cosine", 0.9, 5e-4, 0, "")),
@@ -86,6 +96,15 @@ def test_the_model_family_recipe_applies_only_when_no_optimizer_flag_is_given(mo
     spec = capture_spec(monkeypatch, ["--methods", "emq", *args, "--out", str(tmp_path / "out")])
     assert optimizer_fields(spec) == expected
     assert json.loads(spec.to_json())["schedule"]["recipe"] == expected[-1]  # what spec.json records
+
+
+def test_vits_get_deit_lr_scaling_on_imagenet_only():
+    assert optimizer_recipe("deit_micro", "imagenet") is DEIT_RECIPE
+    assert optimizer_recipe("deit_tiny", "digits") is VIT_SMALL_DATA_RECIPE
+    assert optimizer_recipe("resnet20", "imagenet") is RESNET_RECIPE
+    settings = VIT_SMALL_DATA_RECIPE.settings(epochs=60, batch_size=32)
+    assert settings == {"optimizer": "adamw", "lr": 1e-3, "lr_schedule": "cosine", "momentum": 0.9,
+                        "weight_decay": 0.05, "warmup_epochs": 1, "recipe": "vit-small-data"}
 
 
 def test_the_caption_names_the_recipe_and_the_warm_up():

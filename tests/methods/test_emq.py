@@ -359,6 +359,34 @@ def test_vit_layout_statsq_weights_and_lsq_inputs_on_every_linear_but_the_head(s
         build(synthetic, (1, 8), model="deit_tiny", width=0.1)
 
 
+@pytest.mark.parametrize("model_name, width", [("deit_tiny", 0.1), ("deit_micro", 0.2)])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_vit_quantized_linears_hold_at_most_two_to_the_b_values(synthetic, model_name, width, bits):
+    """StatsQ weights: at most 2^b distinct values per output row (bias correction is one affine map per layer);
+    LSQ inputs: at most 2^b distinct values per tensor (one step per layer); stem and head as declared."""
+    from harness.topology import declare_topology
+
+    method, model = build(synthetic, (bits, 8), model=model_name, width=width)
+    quantized_inputs: dict[str, torch.Tensor] = {}
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, layer in linears.items():
+        layer.input_quantizer.register_forward_hook(
+            lambda module, inputs, output, name=name: quantized_inputs.__setitem__(name, output.detach()))
+    model.train()
+    method.set_bits(model, bits)
+    model(synthetic.train.get_batch(torch.arange(16)))  # initializes the LSQ steps at ``bits``
+    assert len(quantized_inputs) == len(linears) > 0
+    for name, layer in linears.items():
+        weight = layer.quantized_weight().detach()
+        assert max(len(torch.unique(row)) for row in weight) <= 2**bits, name
+        assert len(torch.unique(quantized_inputs[name])) <= 2**bits, name
+    topology = declare_topology(model, model_name)
+    head, stem = topology.site("vit.head"), topology.site("vit.patch_embed.proj")
+    assert not (head.quantize_weight or head.quantize_input or stem.quantize_weight or stem.quantize_input)
+    assert type(model.vit.head) is nn.Linear and type(model.vit.patch_embed.proj) is nn.Conv2d
+    assert set(topology.weight_sites) == set(linears) == set(topology.input_sites)
+
+
 def test_quant_linear_storage_hand_count():
     layer = QuantLinear(3, 4, weight_quantizer=lambda w, b: w, input_quantizer=LSQActivation(), scales_per_layer=8)
     # 12 codes at 2 bits + 8 constants (scale and offset per row) + 4 biases + 1 LSQ step, 32 bits each

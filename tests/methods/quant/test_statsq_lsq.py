@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.errors import ConfigError
-from methods.quant.lsq import LSQActivation, lsq_initial_step, lsq_quantize
+from methods.quant.lsq import LSQActivation, lsq_initial_step, lsq_quantize, lsq_quantize_reference
 from methods.quant.statsq import statsq_weight
 
 # Row 0: mean|w| = 0.45 -> s = 0.9, w / s = [1/9, -1/3, 5/9, -1].
@@ -65,6 +65,47 @@ def test_lsq_step_gradient_equals_the_closed_form():
     torch.testing.assert_close(step.grad, expected)
     inside = ((v > -q_neg) & (v < q_pos)).float()
     torch.testing.assert_close(x_leaf.grad, upstream * inside)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("step_value", [0.3, 0.0123, 1.7])
+def test_fused_lsq_equals_the_composed_formula(bits, step_value):
+    torch.manual_seed(bits)
+    x = torch.randn(2, 17, 24) * 2
+    x[0, 0, :3] = torch.tensor([-2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1, 0.5]) * step_value  # on the clip bounds
+    upstream = torch.randn_like(x)
+    results = []
+    for quantize in (lsq_quantize, lsq_quantize_reference):
+        steps = torch.full((32,), step_value, requires_grad=True)  # indexed as LSQActivation indexes its steps
+        x_leaf = x.clone().requires_grad_(True)
+        out = quantize(x_leaf, steps[bits - 1], bits)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), x_leaf.grad, steps.grad))
+    (fused, fused_dx, fused_ds), (composed, composed_dx, composed_ds) = results
+    torch.testing.assert_close(fused, composed, rtol=0, atol=0)  # the forward pass is bit-identical
+    torch.testing.assert_close(fused_dx, composed_dx)  # the composition computes (g s) / s
+    torch.testing.assert_close(fused_ds, composed_ds)
+    assert fused_ds.count_nonzero() == 1
+
+
+def test_fused_lsq_saves_one_activation_sized_tensor_where_the_composition_saves_three():
+    def saved_numel(quantize) -> int:
+        total = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += tensor.numel()
+            return tensor
+
+        x = torch.randn(8, 100, requires_grad=True)
+        step = torch.tensor(0.1, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            quantize(x, step, 4)
+        return total
+
+    # x alone (plus the scalar step), against x, x / s and the rounded levels
+    assert saved_numel(lsq_quantize) == 800 + 1
+    assert saved_numel(lsq_quantize_reference) >= 3 * 800
 
 
 def test_lsq_module_initializes_each_bit_width_on_its_first_training_batch():
