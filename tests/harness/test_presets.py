@@ -16,7 +16,8 @@ from tests.fixtures import write_dataset
 REQUIRED = {"anyprecision-cifar10-resnet20", "mbquant-cifar100-resnet20", "mbquant-imagenet-resnet18",
             "mbquant-imagenet-resnet18-234", "mbquant-imagenet-mobilenetv1",
             "emq-cifar10-preactresnet20", "fmnist-all", "claims-emq-digits", "claims-emq-ablations-digits",
-            "claims-mbquant-digits", "claims-anyprecision-digits", "claims-emq-selectors-digits"}
+            "claims-mbquant-digits", "claims-anyprecision-digits", "claims-emq-selectors-digits",
+            "claims-emq-vit-digits", "claims-emq-vit-imagenet"}
 
 
 def test_required_presets_exist():
