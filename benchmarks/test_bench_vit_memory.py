@@ -2,11 +2,11 @@
 
 The peak is the maximum resident set (``ru_maxrss``) of a fresh subprocess per configuration, minus its resident
 set once torch and the data are loaded (so other benchmarks' allocations cannot leak into it): what building the
-model, initializing LSQ and the measured step or pass add at their highest (the step's backward is the peak). Configurations:
-DeiT-Tiny with one-pixel tokens (65 tokens, what the suite used on 8x8 images before) and the composed LSQ
-formula, the same with the fused LSQ node, DeiT-Tiny at the current patch size (2x2 pixels, 17 tokens), and
-``deit_micro``. ``extra_info`` holds the peak in MB; the benchmark's time is the step (or pass) in this process
-at the same configuration.
+model, initializing LSQ and the measured step or pass add at their highest (the step's backward is the peak).
+Configurations: DeiT-Tiny with one-pixel tokens (65 tokens, what the suite used on 8x8 images before) and the
+composed LSQ formula, the same with the fused LSQ node, DeiT-Tiny at the current patch size (2x2 pixels, 17
+tokens), and ``deit_micro``. ``extra_info`` holds the peak in MB; the benchmark's time is the step (or pass) in
+this process at the same configuration.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from methods.quant.dorefa import dorefa_activation, dorefa_activation_reference, dorefa_weight
+from methods.quant.dorefa import dorefa_activation, dorefa_activation_reference, dorefa_weight, dorefa_weight_reference
 from methods.quant.ste import quantize_unit, round_ste
 
 # w = [0.5, -1, 0.25, 2]: tanh(w) = [0.462117, -0.761594, 0.244919, 0.964028], max|tanh| = 0.964028,
@@ -104,3 +104,24 @@ def test_fused_activation_equals_the_composed_formula(bits):
     torch.testing.assert_close(fused_x.grad, reference_x.grad, rtol=1e-6, atol=0)
     inside = (x > 0) & (x < 1) if bits < 32 else x > 0  # 32 bits: ReLU
     assert torch.equal(fused_x.grad, grad * inside)  # exactly the straight-through mask
+
+
+@pytest.mark.parametrize("bits", [*range(1, 9), 32])
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (10, 64)])
+def test_fused_weight_equals_the_composed_formula(bits, shape):
+    torch.manual_seed(bits)
+    initial = torch.randn(*shape) * 0.2
+    flat = initial.view(-1)
+    flat[1] = -flat.abs().max()  # a tie at the max: its gradient is shared as torch.max shares it
+    flat[0] = -flat[1]
+    upstream = torch.randn(*shape)
+    results = []
+    for quantize in (dorefa_weight, dorefa_weight_reference):
+        weight = initial.clone().requires_grad_(True)
+        out = quantize(weight, bits)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), weight.grad))
+    (fused, fused_grad), (composed, composed_grad) = results
+    torch.testing.assert_close(fused, composed, rtol=0, atol=0)
+    # the composition's straight-through rounding divides and multiplies by 2^b - 1: equal up to float rounding
+    torch.testing.assert_close(fused_grad, composed_grad)
