@@ -198,3 +198,40 @@ def test_in_memory_sets_keep_their_batch_level_draws(synthetic, monkeypatch):
     _Ranks(monkeypatch, 2).current = 1  # rank 1 of 2: the second half of every global batch
     shares = list(epoch_batches(split, 64, 5, 2, True, CPU))
     assert all(torch.equal(s.x, e[32:]) for s, e in zip(shares, expected))
+
+
+def _gloo_rank_decodes(rank: int, world: int, port: int, root: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        data = load_dataset("imagenet", root)
+        decoded: list[str] = []
+        original = folder_data.read_image
+        folder_data.read_image = lambda path: (decoded.append(str(path)), original(path))[1]
+        batches = list(epoch_batches(data.train, 4, 0, 1, True, CPU, workers=0))
+        torch.save({"x": [b.x for b in batches], "indices": [b.indices for b in batches], "decoded": decoded},
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_each_decode_only_their_share(tmp_path):
+    """Real ranks (2 gloo processes): each decodes exactly its share of every global batch of 4, and the shares
+    concatenated are the single-process batches."""
+    import torch.multiprocessing as mp
+
+    from tests.harness.test_distributed import free_port
+
+    root = tmp_path / "data"
+    write_imagefolder(root, classes=3, per_class=4, size=(70, 50))
+    mp.start_processes(_gloo_rank_decodes, args=(2, free_port(), str(root), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = list(epoch_batches(load_dataset("imagenet", root).train, 4, 0, 1, True, CPU))
+    for step, whole in enumerate(single):
+        assert [len(rank["indices"][step]) for rank in ranks] == [2, 2]
+        assert torch.equal(torch.cat([rank["indices"][step] for rank in ranks]), whole.indices)
+        assert torch.equal(torch.cat([rank["x"][step] for rank in ranks]), whole.x)
+    assert [len(rank["decoded"]) for rank in ranks] == [6, 6]  # 12 images, 3 steps, 2 per rank and step
