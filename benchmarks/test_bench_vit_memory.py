@@ -78,11 +78,10 @@ def setup(model_name: str, patch: int, lsq: str):
     ctx = RunContext(bits=BITS, device=torch.device("cpu"), num_classes=data.info.num_classes, seed=0, epochs=1,
                      data_info=data.info, schedule=Schedule(epochs=1, batch_size=BATCH))
     model.train()
-    for bits in BITS:  # LSQ initializes each bit-width's steps on its first batch
-        method.set_bits(model, bits)
-        model(batch.x)
-    for parameter in model.parameters():
-        parameter.grad = None
+    with torch.no_grad():  # LSQ initializes each bit-width's steps on its first batch; no graph kept here
+        for bits in BITS:
+            method.set_bits(model, bits)
+            model(batch.x)
     return method, model, batch, ctx, data.test.get_batch(torch.arange(len(data.test)))
 
 
