@@ -98,8 +98,6 @@ def resize_center_crop(image: torch.Tensor, resize: int, crop: int) -> torch.Ten
     return TF.center_crop(image, [crop, crop])
 
 
-
-
 def crop_flip_one(image: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """``augment_crop_flip`` of one ``(C, H, W)`` image (any dtype) with its own generator.
 

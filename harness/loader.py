@@ -80,11 +80,16 @@ def _global_batches(indices: torch.Tensor, batch_size: int, seed: int, epoch: in
     return _chunks(order, batch_size)
 
 
-def _to_batch(dataset: ImageSet, x: torch.Tensor, indices: torch.Tensor, device: torch.device,
-              channels_last: bool) -> Batch:
+def _on_device_in_unit_range(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     if x.dtype == torch.uint8:  # decoded samples travel as uint8 (4x less to copy); scaled where they land
         x = x.to(torch.float32) / 255.0
+    return x
+
+
+def _to_batch(dataset: ImageSet, x: torch.Tensor, indices: torch.Tensor, device: torch.device,
+              channels_last: bool) -> Batch:
+    x = _on_device_in_unit_range(x, device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return Batch(x, dataset.labels[indices].to(device, non_blocking=True), indices)
@@ -253,4 +258,4 @@ def eval_batches(dataset: ImageSet, batch_size: int, device: torch.device,
         return
     keys = BatchKeys([(chunk, None) for chunk in chunks])
     for chunk, x in zip(chunks, decoded_batches(dataset, keys, workers, pin_memory=device.type == "cuda")):
-        yield x.to(device, non_blocking=True).to(torch.float32) / 255.0, chunk
+        yield _on_device_in_unit_range(x, device), chunk
