@@ -12,6 +12,15 @@ arXiv 1912.09666), Sec. 3.3:
   these (tested against the closed form);
 * S-CL: one alpha per layer per bit-width (:class:`SwitchablePACT`); at 32 bits the input passes unchanged
   (the authors' code quantizes nothing at 32 bits unless its ``pact_fp`` flag is set).
+
+:func:`pact_quantize` runs as one autograd function (:class:`_PACTQuantize`): the composed formula
+(:func:`pact_quantize_reference`) records about ten elementwise operations per call, each with its own full-size
+output kept for the backward pass, at every quantized convolution of every bit-width of every step. The fused
+forward repeats the composition's float operations in its order, so it is bit-identical (the straight-through sum
+``t + (round(t) - t)`` is ``round(t)`` exactly, and ``clamp(x, 0, a)`` selects the same values as
+``where(x < a, relu(x), a)`` for ``a > 0``); it saves ``x`` alone and its backward computes the closed-form
+gradients above, which equal the composition's up to float rounding (the composition forms ``((g a) / L) L / a``
+where the closed form has ``g``).
 """
 
 from __future__ import annotations
@@ -30,8 +39,41 @@ from methods.quant.ste import round_ste
 SHARED_KEY = "shared"
 
 
+class _PACTQuantize(torch.autograd.Function):
+    """``round(L clamp(x, 0, a) / a) / L * a`` with ``a = |alpha|``; the closed-form gradients of the module
+    docstring in the backward pass, from the saved input alone."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, levels: int) -> torch.Tensor:
+        clip = alpha.abs()
+        ctx.save_for_backward(x, alpha)
+        ctx.levels = levels
+        scaled = torch.minimum(torch.relu(x), clip).div_(clip).mul_(levels)
+        return scaled.round_().div_(levels).mul_(clip)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, alpha = ctx.saved_tensors
+        clip = alpha.abs()
+        levels = ctx.levels
+        grad_x = grad_alpha = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_output * ((x > 0) & (x < clip))
+        if ctx.needs_input_grad[1]:
+            # dy/da: q(x/a) - x/a on [0, a) (0 at x <= 0, where the clamp gives 0), 1 at x >= a (where that term is 0)
+            scaled = torch.minimum(torch.relu(x), clip).div_(clip).mul_(levels)
+            dy_da = (torch.round(scaled) - scaled).div_(levels).add_(x >= clip)
+            grad_alpha = (grad_output * dy_da).sum().reshape(alpha.shape) * alpha.sgn()
+        return grad_x, grad_alpha, None
+
+
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
     """Clip ``x`` to ``[0, |alpha|]`` and round it to ``2^bits - 1`` uniform steps (straight-through)."""
+    return _PACTQuantize.apply(x, alpha, 2**bits - 1)
+
+
+def pact_quantize_reference(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`pact_quantize` as the composed formula (the reference the fused function is tested against)."""
     clip = alpha.abs()
     levels = 2**bits - 1
     # torch.where (not torch.minimum) so that alpha gets the whole gradient where x >= alpha, ties included.

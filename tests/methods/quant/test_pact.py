@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.errors import ConfigError
-from methods.quant.pact import SwitchablePACT, pact_quantize
+from methods.quant.pact import SwitchablePACT, pact_quantize, pact_quantize_reference
 
 X = [-1.0, 0.0, 0.3, 1.1, 1.9, 2.0, 5.0]
 # alpha = 2: min(relu(x), 2) / 2 = [0, 0, 0.15, 0.55, 0.95, 1, 1]; times 2^b - 1 and rounded:
@@ -93,3 +93,45 @@ def test_storage_is_one_32_bit_alpha_per_quantized_bit_width():
 def test_unbuilt_bit_width_is_an_error():
     with pytest.raises(ConfigError, match=r"no clipping level for 3 bits; it was built for bits \(2, 4\)"):
         SwitchablePACT((2, 4), init=8.0).set_bits(3)
+
+
+@pytest.mark.parametrize("alpha", [2.5, -1.7, 0.3])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_fused_quantizer_equals_the_composed_formula(bits, alpha):
+    generator = torch.Generator().manual_seed(bits)
+    x = torch.randn(16, 8, 6, 6, generator=generator) * 2
+    x.view(-1)[:5] = abs(alpha)  # exactly at the clipping level
+    x.view(-1)[5:8] = 0.0
+    upstream = torch.randn(x.shape, generator=generator)
+    results = []
+    for quantize in (pact_quantize, pact_quantize_reference):
+        x_leaf, alpha_leaf = x.clone().requires_grad_(), torch.tensor(alpha, requires_grad=True)
+        out = quantize(x_leaf, alpha_leaf, bits)
+        (out * upstream).sum().backward()
+        results.append((out, x_leaf.grad, alpha_leaf.grad))
+    (fused, fused_x_grad, fused_alpha_grad), (composed, composed_x_grad, composed_alpha_grad) = results
+    assert torch.equal(fused, composed)  # forward bit for bit
+    torch.testing.assert_close(fused_x_grad, composed_x_grad, rtol=1e-6, atol=0)
+    inside = (x > 0) & (x < abs(alpha))
+    assert torch.equal(fused_x_grad, upstream * inside)  # exactly the straight-through mask
+    torch.testing.assert_close(fused_alpha_grad, composed_alpha_grad, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_quantizer_saves_only_its_input():
+    x = torch.randn(800, requires_grad=True)
+    alpha = torch.tensor(1.5, requires_grad=True)
+
+    def saved_numel(quantize) -> int:
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            quantize(x, alpha, 4)
+        return total
+
+    assert saved_numel(pact_quantize) == 800 + 1  # x and the scalar alpha
+    assert saved_numel(pact_quantize_reference) >= 3 * 800
