@@ -11,9 +11,11 @@ from pathlib import Path
 
 import click
 
+from harness.allocator import keep_large_blocks
+from harness.cli_options import executor_options, pop_executor_options, pop_runtime_fields, runtime_options
 from harness.config import RunSpec, Schedule, parse_bits, parse_budget
 from harness.errors import ConfigError, MbqError
-from harness.threads import configure_threads, set_wait_policy
+from harness.threads import set_wait_policy
 
 DEFAULTS = Schedule()
 
@@ -34,66 +36,6 @@ def default_out(spec: RunSpec) -> Path:
 def cli() -> None:
     """mbqbench: train multi-bit quantization methods under one schedule and compare accuracy per bit-width,
     training cost (device-hours, sample-passes) and storage."""
-
-
-def runtime_options(command):
-    """Options on how the schedule executes (they change speed; --amp also changes the numbers)."""
-    options = [
-        click.option("--amp", type=click.Choice(["off", "bf16"]), default="off", show_default=True,
-                     help="bf16 autocast for convolutions and matmuls (CUDA, or CPU where supported)."),
-        click.option("--channels-last", is_flag=True, help="NHWC memory format for the model and the batches."),
-        click.option("--compile", "compile_model", is_flag=True,
-                     help="torch.compile the model in place (one graph per bit-width)."),
-        click.option("--data-on", "data_placement", type=click.Choice(["auto", "device", "host"]), default="auto",
-                     show_default=True,
-                     help="Hold in-memory data sets on the GPU and augment there (auto: on CUDA only)."),
-        click.option("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: OMP_NUM_THREADS, else the CPUs this process may use; "
-                          "OpenMP waits passively only if other processes already keep the CPUs busy at start; "
-                          "OMP_WAIT_POLICY=ACTIVE or PASSIVE forces a policy)."),
-        click.option("--workers", type=int, default=None,
-                     help="DataLoader processes decoding folder data sets (tinyimagenet, imagenet); 0 decodes in the "
-                          "training process. Changes no batch.  [default: the CPUs this process may use, at most 8]"),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def executor_options(command):
-    """Where the cells run: this process, or one submitit job per (method, seed) cell."""
-    options = [
-        click.option("--executor", type=click.Choice(["local", "submitit"]), default="local", show_default=True,
-                     help="local: cells one after another here; submitit: one job per (method, seed) cell "
-                          "(Slurm array, or local processes), each resumable; results gathered into one table."),
-        click.option("--cluster", default=None,
-                     help="submitit cluster: slurm, local or debug (default: Slurm when available, else local)."),
-        click.option("--partition", default=None, help="Slurm partition (submitit)."),
-        click.option("--timeout-min", type=int, default=None, help="Per-job time limit in minutes (submitit)."),
-        click.option("--gpus-per-node", type=int, default=None, help="GPUs per job (submitit)."),
-        click.option("--cpus-per-task", type=int, default=None, help="CPUs per job (submitit)."),
-        click.option("--mem-gb", type=float, default=None, help="Memory per job in GB (submitit)."),
-        click.option("--array-parallelism", type=int, default=None, help="Slurm: most array jobs at once."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _executor_options(kwargs: dict) -> dict:
-    keys = ("cluster", "partition", "timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism")
-    return {key: kwargs.pop(key) for key in keys}
-
-
-def _runtime_fields(kwargs: dict) -> dict:
-    threads = kwargs.pop("threads")
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be a positive integer, got {threads}")
-    configure_threads(threads)
-    workers = kwargs.pop("workers")
-    return {"amp": kwargs.pop("amp"), "channels_last": kwargs.pop("channels_last"),
-            "compile": kwargs.pop("compile_model"), "data_placement": kwargs.pop("data_placement"),
-            **({} if workers is None else {"workers": workers})}  # unset: RunSpec's default (the available CPUs)
 
 
 def _echo_for(quiet: bool):
@@ -195,8 +137,8 @@ def compare(methods, dataset, data_root, model, width, bits, eval_bits, epochs, 
     optimizer_settings = resolve_optimizer(model, epochs, batch_size, dataset, optimizer=optimizer, lr=lr,
                                            lr_schedule=lr_schedule, momentum=momentum, weight_decay=weight_decay,
                                            warmup_epochs=warmup_epochs)
-    runtime = _runtime_fields(kwargs)
-    options = _executor_options(kwargs)
+    runtime = pop_runtime_fields(kwargs)
+    options = pop_executor_options(kwargs)
     schedule = Schedule(budget_kind=budget_kind, budget=budget_amount,
         epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size,
         milestones=_parse_ints(milestones, "--milestones"), gamma=gamma, augment=not no_augment, **optimizer_settings)
@@ -256,8 +198,8 @@ def reproduce(preset_name, all_claims, data_root, epochs, seeds, full_size, trai
     presets = [get_preset(name) for name in (claim_presets(size) if all_claims else [preset_name])]
     if not presets:
         raise ConfigError("no preset carries claims (see `list presets`)")
-    runtime = _runtime_fields(kwargs)
-    options = _executor_options(kwargs)
+    runtime = pop_runtime_fields(kwargs)
+    options = pop_executor_options(kwargs)
     runs = []
     for preset in presets:
         spec = preset.run_spec(epochs=epochs, seeds=_parse_ints(seeds, "--seed") if seeds is not None else None,
@@ -379,6 +321,7 @@ def export_command(run_dir, method_spec, bits, seed, out) -> None:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors become one ``error: ...`` line on stderr and exit status 2."""
     set_wait_policy()  # before any command imports torch
+    keep_large_blocks()
     try:
         result = cli.main(args=argv, prog_name="cli.py", standalone_mode=False)
         return result if isinstance(result, int) else 0

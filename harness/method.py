@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from harness.config import MethodConfig
 from harness.cost import storage_bits_of, storage_bits_total_of
 from harness.errors import ConfigError
+from harness.method_config import MethodConfig
 
 
 @dataclass

@@ -21,13 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import distributed
-from harness.config import RunSpec, parse_method_spec
+from harness.config import RunSpec
 from harness.cost import PhaseTimer, device_name, synchronize
 from harness.data import DataBundle
 from harness.errors import ConfigError, TrainingDiverged
 from harness.evaluate import evaluate_bits
 from harness.loader import epoch_batches, steps_per_epoch
 from harness.method import Method, RunContext
+from harness.method_config import parse_method_spec
 from harness.optim import build_optimizers, set_lr
 from harness.registry import get_method
 from harness.runtime import Runtime, needs_onednn_off, place_data

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import MethodConfig, check_positive
+from harness.config import check_positive
 from harness.cost import storage_bits_of
 from harness.errors import ConfigError
 from harness.export import export_model, load_model, take_prefixed, with_prefix
 from harness.method import Batch, Method, RunContext
+from harness.method_config import MethodConfig
 from harness.models import CONVOLUTIONAL_MODELS
 from harness.registry import register_method
 from methods.anyprecision import create_fp_model, dorefa_quantize

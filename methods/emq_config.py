@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 import torch
 
-from harness.config import MethodConfig, check_positive
+from harness.config import check_positive
 from harness.errors import ConfigError
+from harness.method_config import MethodConfig
 from methods.quant.coreset_selectors import get_selector
 from methods.quant.dorefa import FULL_PRECISION, dorefa_activation
 

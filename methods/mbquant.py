@@ -76,9 +76,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import MethodConfig, check_positive
+from harness.config import check_positive
 from harness.errors import ConfigError
 from harness.method import Batch, Method, RunContext
+from harness.method_config import MethodConfig
 from harness.registry import register_method
 from harness.topology import Site, Topology, declare_topology, site_role, tag_blocks, tag_sites
 from methods.anyprecision import create_fp_model

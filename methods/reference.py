@@ -19,10 +19,11 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import REFERENCE_METHOD, MethodConfig
+from harness.config import REFERENCE_METHOD
 from harness.cost import FLOAT_BITS
 from harness.errors import ConfigError
 from harness.method import Batch, Method, RunContext
+from harness.method_config import MethodConfig
 from harness.models import create_model
 from harness.registry import register_method
 

@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from harness.config import RunSpec, Schedule, parse_bits, parse_method_spec
+from harness.config import RunSpec, Schedule, parse_bits
 from harness.errors import ConfigError
+from harness.method_config import parse_method_spec
 from harness.registry import get_method
 
 

@@ -91,7 +91,7 @@ def test_decorator_rejects_a_second_class_with_the_same_name():
 PICKY_PLUGIN = textwrap.dedent('''
     from dataclasses import dataclass
 
-    from harness.config import MethodConfig
+    from harness.method_config import MethodConfig
     from harness.method import Method
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from harness import registry
-from harness.config import MethodConfig
 from harness.errors import TrainingDiverged
 from harness.method import Method
+from harness.method_config import MethodConfig
 from harness.models import create_model
 from harness.store import RunStore
 from harness.train import run_cell
