@@ -108,7 +108,7 @@ class FolderImageSet(ImageSet):
             views = [self.load_sample(i) for i in idx]
         if not views:
             return torch.empty(0, 3, self.image_size, self.image_size)
-        batch = torch.stack(views).to(torch.float32) / 255.0
+        batch = torch.stack(views).to(torch.float32).div_(255.0)
         if augment and self.augment == "crop_flip":
             batch = augment_crop_flip(batch, generator)
         return batch

@@ -103,7 +103,7 @@ class TensorImageSet(ImageSet):
         self, indices: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         batch = self.images[as_index(indices).to(self.images.device)]
-        batch = batch.to(torch.float32) / 255.0 if batch.dtype == torch.uint8 else batch.to(torch.float32)
+        batch = batch.to(torch.float32).div_(255.0) if batch.dtype == torch.uint8 else batch.to(torch.float32)
         if augment and self.augment == "crop_flip":
             # The crop offsets and flips are drawn on the CPU generator (3 x B numbers) and applied where the
             # images live, so the device path sees exactly the CPU path's augmentation.
