@@ -27,7 +27,16 @@ except ImportError:  # pragma: no cover - a torchvision without image ops
     decode_image = None
 
 from harness.augment import augment_crop_flip, crop_flip_one, random_resized_crop_flip, resize_center_crop
-from harness.imageset import DatasetInfo, ImageSet, as_index, data_error, missing, require_generator, subdir
+from harness.imageset import (
+    DatasetInfo,
+    ImageSet,
+    as_index,
+    data_error,
+    missing,
+    require_generator,
+    subdir,
+    unit_range,
+)
 
 TINYIMAGENET_DIR = "tiny-imagenet-200"
 IMAGENET_DIR = "imagenet"
@@ -108,7 +117,7 @@ class FolderImageSet(ImageSet):
             views = [self.load_sample(i) for i in idx]
         if not views:
             return torch.empty(0, 3, self.image_size, self.image_size)
-        batch = torch.stack(views).to(torch.float32).div_(255.0)
+        batch = unit_range(torch.stack(views))
         if augment and self.augment == "crop_flip":
             batch = augment_crop_flip(batch, generator)
         return batch

@@ -76,6 +76,14 @@ class DataBundle:
     test: ImageSet
 
 
+def unit_range(images: torch.Tensor) -> torch.Tensor:
+    """float32 images in [0, 1]: uint8 divided by 255 in place on the new float copy (one batch-sized allocation),
+    float images converted to float32 as they are."""
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255.0)
+    return images.to(torch.float32)
+
+
 def as_index(indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
     return torch.as_tensor(indices, dtype=torch.long).reshape(-1)
 
@@ -103,7 +111,7 @@ class TensorImageSet(ImageSet):
         self, indices: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         batch = self.images[as_index(indices).to(self.images.device)]
-        batch = batch.to(torch.float32).div_(255.0) if batch.dtype == torch.uint8 else batch.to(torch.float32)
+        batch = unit_range(batch)
         if augment and self.augment == "crop_flip":
             # The crop offsets and flips are drawn on the CPU generator (3 x B numbers) and applied where the
             # images live, so the device path sees exactly the CPU path's augmentation.
