@@ -6,8 +6,8 @@ reads) of ``IMAGES`` (3,000) JPEGs of 500x375, written once per session; one epo
 ``epoch_batches`` with the ImageNet preset's train transform (random-resized crop to 224 + flip, seeded per
 sample) at 0, 1 and 2 workers, and 8 and 16 where the machine has 16 CPUs. ``extra_info["images_per_s"]`` is the
 best epoch's rate; the 2-worker test also records ``speedup_vs_0_workers`` (its rate over the 0-worker one,
-measured in the same session). The in-memory benchmark runs one digits epoch at 0 and 2 workers and records their time ratio, which
-should be 1: in-memory sets never start a worker.
+measured in the same session). The in-memory benchmark runs one digits epoch at 0 and 2 workers and records their
+time ratio, which should be 1: in-memory sets never start a worker.
 """
 
 from __future__ import annotations
