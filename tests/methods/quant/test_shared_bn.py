@@ -44,6 +44,35 @@ def test_training_at_any_shared_bit_width_updates_the_one_shared_bn():
     assert torch.equal(bn.norms["binary"].running_mean, torch.zeros(2))
 
 
+def test_training_forward_is_batch_norm_on_the_batch_and_gamma_beta_sum_every_bit_widths_gradient():
+    """Train mode: each bit-width's forward is exactly BN with that batch's statistics and the shared affine
+    parameters; gamma and beta receive the sum of the per-bit-width gradients (one parameter, three losses)."""
+    torch.manual_seed(0)
+    bn = SharedBatchNorm2d(3, (2, 4, 8)).train()
+    with torch.no_grad():
+        bn.norms["shared"].weight.copy_(torch.tensor([1.5, 0.5, -0.75]))
+        bn.norms["shared"].bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    inputs = {b: torch.randn(5, 3, 2, 2) * b + b for b in (8, 4, 2)}
+    gamma, beta = bn.norms["shared"].weight, bn.norms["shared"].bias
+    expected_gamma, expected_beta = torch.zeros(3), torch.zeros(3)
+    for b, x in inputs.items():
+        bn.set_bits(b)
+        out = bn(x)
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        var = x.var(dim=(0, 2, 3), correction=0, keepdim=True)
+        normalized = (x - mean) / torch.sqrt(var + bn.norms["shared"].eps)
+        torch.testing.assert_close(out, normalized * gamma.view(1, 3, 1, 1) + beta.view(1, 3, 1, 1),
+                                   atol=1e-6, rtol=1e-6)
+        weights = torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape) / out.numel()
+        (out * weights).sum().backward()
+        # d/dgamma of sum(weights * (gamma xhat + beta)) = sum(weights * xhat); d/dbeta = sum(weights)
+        expected_gamma += (weights * normalized).sum(dim=(0, 2, 3)).detach()
+        expected_beta += weights.sum(dim=(0, 2, 3))
+    torch.testing.assert_close(gamma.grad, expected_gamma, atol=1e-5, rtol=1e-5)
+    # float sums in another order than autograd's: equal to rounding, not bit for bit
+    torch.testing.assert_close(beta.grad, expected_beta, atol=0, rtol=1e-6)
+
+
 def test_adaptation_stores_cumulative_per_bit_statistics_and_changes_no_weight():
     torch.manual_seed(0)
     model = nn.Sequential(ScaleByBits(), SharedBatchNorm2d(2, (2, 4)))
