@@ -13,7 +13,15 @@ time there.
 reuse rather than returned to the kernel: its resident size stays at its peak. It does nothing where malloc is not
 glibc's, or where the environment already chooses either threshold (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``, or ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``): set them there to override.
-DataLoader workers started by ``fork`` inherit the setting.
+
+DataLoader workers started by ``fork`` inherit the setting and, with it, the training process's heap of kept
+blocks as copy-on-write pages: a worker that reuses one of those blocks for a decoded image copies every page it
+writes, and the training process copies the pages it writes while the workers share them. ``release_in_worker()``
+(each folder-loader worker's first call) puts glibc's default thresholds back and trims the inherited free blocks
+so a worker writes fresh pages instead. Measured on 2 idle Xeon cores (the loader benchmark's synthetic ImageNet at 2
+workers, in a process that had kept 1.3 GB of freed tensors and made 120 MB of tensors per batch, as a training
+step does): 837 images/s with it against 767 without, mean of 6 epochs each, higher in each of the 6 paired
+epochs; in a process with a small heap the two are within this machine's noise.
 """
 
 from __future__ import annotations
@@ -24,6 +32,21 @@ import os
 LARGE_BLOCK_BYTES = 1 << 30
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h> parameter numbers
 M_MMAP_THRESHOLD = -3
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # both thresholds' documented defaults (the mmap one then stays fixed)
+
+_kept = False  # whether keep_large_blocks() changed this process's thresholds (inherited across fork)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+        libc.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing to set
+        return None
+    return libc
 ENVIRONMENT_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
@@ -34,12 +57,25 @@ def environment_chooses_thresholds() -> bool:
 
 def keep_large_blocks(limit_bytes: int = LARGE_BLOCK_BYTES) -> bool:
     """Raise glibc's mmap and trim thresholds to ``limit_bytes``; True where both took effect."""
-    if environment_chooses_thresholds():
+    global _kept
+    libc = None if environment_chooses_thresholds() else _glibc()
+    if libc is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing to set
+    _kept = bool(libc.mallopt(M_MMAP_THRESHOLD, limit_bytes)) and bool(libc.mallopt(M_TRIM_THRESHOLD, limit_bytes))
+    return _kept
+
+
+def release_in_worker(worker_id: int | None = None) -> bool:
+    """In a forked worker: undo :func:`keep_large_blocks` and hand the inherited free blocks back; True if it did.
+
+    ``worker_id`` makes it usable as a DataLoader ``worker_init_fn``.
+    """
+    global _kept
+    libc = _glibc() if _kept else None
+    if libc is None:
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, limit_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, limit_bytes))
+    libc.mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+    libc.malloc_trim(0)
+    _kept = False
+    return True

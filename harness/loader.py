@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from harness import distributed
+from harness import allocator, distributed
 from harness.errors import DataError
 from harness.imageset import ImageSet, unit_range
 from harness.method import Batch
@@ -137,6 +137,10 @@ class SampleDataset(Dataset):
             return DecodeFailure(str(exc))
 
 
+def _worker_init(worker_id: int) -> None:
+    allocator.release_in_worker(worker_id)
+
+
 def _collate(samples: list[torch.Tensor | DecodeFailure]) -> torch.Tensor | DecodeFailure:
     failure = next((s for s in samples if isinstance(s, DecodeFailure)), None)
     if failure is not None:
@@ -175,7 +179,7 @@ def decoded_batches(dataset: ImageSet, keys: BatchKeys, workers: int = 0,
     # training process's methods may use (no augmentation uses the workers' RNG: every draw is seeded per sample).
     loader = DataLoader(SampleDataset(dataset), batch_sampler=keys, num_workers=workers, collate_fn=_collate,
                         pin_memory=pin_memory, prefetch_factor=PREFETCH_FACTOR if workers else None,
-                        generator=torch.Generator())
+                        worker_init_fn=_worker_init, generator=torch.Generator())
     empty: torch.Tensor | None = None
     for images in loader:
         if isinstance(images, DecodeFailure):

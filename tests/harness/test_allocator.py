@@ -58,3 +58,33 @@ def test_unrelated_tunables_do_not_count_as_a_choice(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
     assert not allocator.environment_chooses_thresholds()
+
+
+# Resident memory once a kept 256 MB block is freed, and after release_in_worker() trims it.
+RESIDENT_AFTER_RELEASE = """
+import os, sys, torch
+from harness import allocator
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+print(allocator.keep_large_blocks())
+x = torch.ones(64 * 1024 * 1024)
+del x
+kept = resident()
+print(allocator.release_in_worker(0), allocator.release_in_worker(0))
+print(kept - resident())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or sys.platform != "linux", reason="glibc malloc on Linux")
+def test_a_worker_hands_the_inherited_kept_blocks_back(monkeypatch):
+    for name in allocator.ENVIRONMENT_SETTINGS + ("GLIBC_TUNABLES",):
+        monkeypatch.delenv(name, raising=False)
+    out = subprocess.run([sys.executable, "-c", RESIDENT_AFTER_RELEASE], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[:3] == ["True", "True", "False"]  # released once; a second call has nothing to undo
+    assert int(out[3]) >= 0.9 * 256 * 1024 * 1024  # the freed 256 MB block left the process
+
+
+def test_release_in_worker_does_nothing_where_nothing_was_kept(monkeypatch):
+    monkeypatch.setattr(allocator, "_kept", False)
+    assert allocator.release_in_worker(0) is False

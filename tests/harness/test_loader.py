@@ -3,13 +3,14 @@ give bit-identical batches whatever the worker count; in-memory sets keep their 
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
 import torch
 
 import cli
-from harness import distributed, folder_data
+from harness import allocator, distributed, folder_data
 from harness.config import RunSpec
 from harness.data import load_dataset
 from harness.errors import ConfigError, DataError
@@ -52,6 +53,15 @@ def test_same_batches_with_0_1_2_workers(request, name):
     assert not torch.equal(batch.x, data.train.get_batch(batch.indices))
     other = next(iter(epoch_batches(data.train, 4, 0, 2, True, CPU)))
     assert not torch.equal(other.x, data.train.get_batch(other.indices, True, torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the patch reaches forked workers only")
+def test_each_worker_releases_the_inherited_heap_first(imagenet, monkeypatch, tmp_path):
+    # Workers are forked, so the patched function runs in them; each leaves a file behind.
+    monkeypatch.setattr(allocator, "release_in_worker", lambda worker_id: (tmp_path / f"w{worker_id}").touch())
+    assert _same(list(epoch_batches(imagenet.train, 4, 0, 1, True, CPU, workers=2)),
+                 list(epoch_batches(imagenet.train, 4, 0, 1, True, CPU, workers=0)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w0", "w1"]
 
 
 def test_each_sample_is_its_own_seeded_view(tiny):
