@@ -65,7 +65,8 @@ class _DoReFaWeight(torch.autograd.Function):
             grad_normalized = grad_unit / denominator
             grad_max = (-grad_unit * ((normalized / denominator) / denominator)).sum() * 2
         at_max = normalized.abs() == max_abs
-        shared = torch.zeros_like(normalized).masked_fill_(at_max, grad_max / at_max.sum())
+        # where, not masked_fill_ with a tensor value, which reads the value back to the host (a sync on CUDA)
+        shared = torch.where(at_max, grad_max / at_max.sum(), 0.0)
         grad_normalized = grad_normalized + shared * normalized.sgn()
         return torch.ops.aten.tanh_backward(grad_normalized, normalized), None  # autograd's own tanh kernel
 
