@@ -19,7 +19,8 @@ def runtime_options(command):
                      help="bf16 autocast for convolutions and matmuls (CUDA, or CPU where supported)."),
         click.option("--channels-last", is_flag=True, help="NHWC memory format for the model and the batches."),
         click.option("--compile", "compile_model", is_flag=True,
-                     help="torch.compile the model in place (one graph per bit-width)."),
+                     help="torch.compile the model in place (one graph per bit-width; another float path than eager, "
+                          "so its numbers are close to, not equal to, an eager run's)."),
         click.option("--data-on", "data_placement", type=click.Choice(["auto", "device", "host"]), default="auto",
                      show_default=True,
                      help="Hold in-memory data sets on the GPU and augment there (auto: on CUDA only)."),
