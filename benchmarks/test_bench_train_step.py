@@ -3,6 +3,10 @@
 The figure of merit is ``method step / (k x full-precision step)``, k = number of bit-widths run per step
 (the issue's goal is <= 1.3 on CPU); each method's ratio goes to ``extra_info`` (the full-precision step is
 re-timed in the same test, so the ratio does not depend on test order).
+
+``test_method_step_compiled`` is the same step with both networks under ``model.compile(dynamic=False)`` (what
+``--compile`` does), its ratio taken against a compiled full-precision step; compiling costs 15-150 s per cell on
+2 CPU cores, so select it on its own (``-k compiled``) or leave it out (``-k "not compiled"``).
 """
 
 import time
@@ -61,9 +65,35 @@ def test_method_step(benchmark, name, size):
     benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds), 3)
 
 
-def full_precision_step_seconds(data: Batch, repeats: int = 5) -> float:
-    """Median seconds of one full-precision ResNet-20 step on ``data`` (after one warm-up step)."""
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("name", list_methods())
+def test_method_step_compiled(benchmark, name, size):
+    method = get_method(name)()
+    model = method.build("resnet20", 10, BITS, info(SIZES[size]), 1.0)
+    model.train()
+    model.compile(dynamic=False)
+    ctx = RunContext(bits=BITS, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
+    data = batch(SIZES[size])
+
+    def step():
+        model.zero_grad()
+        method.train_step(model, data, ctx)
+
+    start = time.perf_counter()
+    step()  # compiles one graph per bit-width
+    benchmark.extra_info["first_step_s"] = round(time.perf_counter() - start, 2)
+    benchmark(step)
+    fp_seconds = full_precision_step_seconds(data, compiled=True)
+    benchmark.extra_info["bit_widths_per_step"] = len(BITS)
+    benchmark.extra_info["full_precision_step_s"] = round(fp_seconds, 5)
+    benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds), 3)
+
+
+def full_precision_step_seconds(data: Batch, repeats: int = 5, compiled: bool = False) -> float:
+    """Median seconds of one full-precision ResNet-20 step on ``data`` (after one warm-up step, which compiles)."""
     model = create_model("resnet20", num_classes=10, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    if compiled:
+        model.compile(dynamic=False)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
