@@ -4,9 +4,10 @@ The figure of merit is ``method step / (k x full-precision step)``, k = number o
 (the issue's goal is <= 1.3 on CPU); each method's ratio goes to ``extra_info`` (the full-precision step is
 re-timed in the same test, so the ratio does not depend on test order).
 
-``test_method_step_compiled`` is the same step with both networks under ``model.compile(dynamic=False)`` (what
-``--compile`` does), its ratio taken against a compiled full-precision step; compiling costs 15-150 s per cell on
-2 CPU cores, so select it on its own (``-k compiled``) or leave it out (``-k "not compiled"``).
+``test_method_step_compiled`` is the same step with both networks compiled as ``--compile`` compiles them
+(``Runtime.prepare_model``: fresh dynamo caches per network), its ratio taken against a compiled full-precision
+step; compiling costs 15-150 s per cell on 2 CPU cores, so select it on its own (``-k compiled``) or leave it out
+(``-k "not compiled"``).
 """
 
 import time
@@ -19,6 +20,7 @@ from harness.data import DatasetInfo
 from harness.method import Batch, RunContext
 from harness.models import create_model
 from harness.registry import get_method, list_methods
+from harness.runtime import Runtime
 
 BITS = (2, 4, 8)
 SIZES = {"8x8": 8, "32x32": 32}
@@ -71,7 +73,7 @@ def test_method_step_compiled(benchmark, name, size):
     method = get_method(name)()
     model = method.build("resnet20", 10, BITS, info(SIZES[size]), 1.0)
     model.train()
-    model.compile(dynamic=False)
+    model = Runtime(torch.device("cpu"), compile=True).prepare_model(model)  # what --compile does
     ctx = RunContext(bits=BITS, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
     data = batch(SIZES[size])
 
@@ -93,7 +95,7 @@ def full_precision_step_seconds(data: Batch, repeats: int = 5, compiled: bool = 
     """Median seconds of one full-precision ResNet-20 step on ``data`` (after one warm-up step, which compiles)."""
     model = create_model("resnet20", num_classes=10, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)
     if compiled:
-        model.compile(dynamic=False)
+        model = Runtime(torch.device("cpu"), compile=True).prepare_model(model)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()

@@ -49,6 +49,9 @@ def _conv_output_channels(model: nn.Module):
             yield from (p.shape[0] for p in module.parameters(recurse=False) if p.ndim == 4)
 
 
+COMPILE_GRAPH_LIMIT = 64  # graphs per code object: bit-widths x {train, eval} x the phases' modes, with room
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
@@ -68,7 +71,12 @@ class Runtime:
             model = model.to(memory_format=torch.channels_last)
         if self.compile:
             # dynamic=False: the shapes are fixed per data set; set_bits changes module attributes, which
-            # dynamo guards on, so each bit-width gets its own graph (within the default recompile limit of 8).
+            # dynamo guards on, so each bit-width and train/eval mode gets its own graph. Dynamo's limit of 8
+            # graphs per code object counts every model that shares a class's forward, so a second cell in one
+            # process would silently fall back to eager: start each model with empty caches and room for its
+            # graphs.
+            torch._dynamo.reset()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_GRAPH_LIMIT)
             model.compile(dynamic=False)
         return model
 

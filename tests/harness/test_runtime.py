@@ -122,6 +122,31 @@ def test_compile_keeps_state_dict_keys_and_outputs():
     torch.testing.assert_close(compiled(x), expected)
 
 
+class _Scaled(nn.Module):
+    """Output ``x + bits``, plus 1 where it ran compiled: tells a compiled graph from an eager fallback. The loop
+    over ``bits`` makes each value its own graph, as a bit-width is in a quantized network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bits = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.bits):
+            x = x + 1
+        return x + (1.0 if torch.compiler.is_compiling() else 0.0)
+
+
+def test_each_compiled_model_gets_its_own_graphs_within_the_recompile_limit():
+    # Two cells in one process: with dynamo's default limit of 8 graphs per code object, shared by every instance
+    # of a class, the second model's last bit-widths would run eager. Five graphs each, ten in all.
+    x = torch.ones(2)
+    for first in (1, 6):
+        model = Runtime(torch.device("cpu"), compile=True).prepare_model(_Scaled())
+        for bits in range(first, first + 5):
+            model.bits = bits
+            assert torch.equal(model(x), x + bits + 1)
+
+
 @pytest.mark.parametrize("options", [{"amp": "bf16"}, {"channels_last": True}, {"data_placement": "device"}])
 def test_runtime_options_train_end_to_end(tiny_spec, synthetic, options):
     plain = run_cell(tiny_spec(epochs=1), "anyprecision", 0, synthetic).record
