@@ -50,30 +50,20 @@ def test_full_precision_step(benchmark, size):
 @pytest.mark.parametrize("size", sorted(SIZES))
 @pytest.mark.parametrize("name", list_methods())
 def test_method_step(benchmark, name, size):
-    method = get_method(name)()
-    model = method.build("resnet20", 10, BITS, info(SIZES[size]), 1.0)
-    model.train()
-    ctx = RunContext(bits=BITS, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
-    data = batch(SIZES[size])
-
-    def step():
-        model.zero_grad()
-        method.train_step(model, data, ctx)
-
-    benchmark(step)
-    fp_seconds = full_precision_step_seconds(data)
-    benchmark.extra_info["bit_widths_per_step"] = len(BITS)
-    benchmark.extra_info["full_precision_step_s"] = round(fp_seconds, 5)
-    benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds), 3)
+    _benchmark_method_step(benchmark, name, size, compiled=False)
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 @pytest.mark.parametrize("name", list_methods())
 def test_method_step_compiled(benchmark, name, size):
+    _benchmark_method_step(benchmark, name, size, compiled=True)
+
+
+def _benchmark_method_step(benchmark, name: str, size: str, compiled: bool) -> None:
     method = get_method(name)()
     model = method.build("resnet20", 10, BITS, info(SIZES[size]), 1.0)
     model.train()
-    model = Runtime(torch.device("cpu"), compile=True).prepare_model(model)  # what --compile does
+    model = Runtime(torch.device("cpu"), compile=compiled).prepare_model(model)  # as --compile does, or as is
     ctx = RunContext(bits=BITS, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
     data = batch(SIZES[size])
 
@@ -81,11 +71,12 @@ def test_method_step_compiled(benchmark, name, size):
         model.zero_grad()
         method.train_step(model, data, ctx)
 
-    start = time.perf_counter()
-    step()  # compiles one graph per bit-width
-    benchmark.extra_info["first_step_s"] = round(time.perf_counter() - start, 2)
+    if compiled:
+        start = time.perf_counter()
+        step()  # compiles one graph per bit-width
+        benchmark.extra_info["first_step_s"] = round(time.perf_counter() - start, 2)
     benchmark(step)
-    fp_seconds = full_precision_step_seconds(data, compiled=True)
+    fp_seconds = full_precision_step_seconds(data, compiled=compiled)
     benchmark.extra_info["bit_widths_per_step"] = len(BITS)
     benchmark.extra_info["full_precision_step_s"] = round(fp_seconds, 5)
     benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds), 3)
@@ -94,8 +85,7 @@ def test_method_step_compiled(benchmark, name, size):
 def full_precision_step_seconds(data: Batch, repeats: int = 5, compiled: bool = False) -> float:
     """Median seconds of one full-precision ResNet-20 step on ``data`` (after one warm-up step, which compiles)."""
     model = create_model("resnet20", num_classes=10, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)
-    if compiled:
-        model = Runtime(torch.device("cpu"), compile=True).prepare_model(model)
+    model = Runtime(torch.device("cpu"), compile=compiled).prepare_model(model)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()

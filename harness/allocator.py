@@ -36,6 +36,8 @@ GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # both thresholds' documented defaults (th
 
 _kept = False  # whether keep_large_blocks() changed this process's thresholds (inherited across fork)
 
+ENVIRONMENT_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
 
 def _glibc():
     try:
@@ -47,7 +49,6 @@ def _glibc():
     except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing to set
         return None
     return libc
-ENVIRONMENT_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def environment_chooses_thresholds() -> bool:
