@@ -48,6 +48,8 @@ Choices the sources leave open (UNRESOLVED), each a config option with its defau
   timed as ``prepare`` and counted in the sample-passes, :mod:`methods.emq_scoring`);
 * ``bias_correction="per_layer"`` (statistics per layer; ``per_channel``; ``off``), population variances;
 * ``shared_bn=True``; ``share_binary_bn=False`` (1 bit keeps its own BN unless forced, Table 10's ablation);
+  ``shared_bn_grad="sum"`` (Algorithm 1 as written: every bit-width's backward accumulates into the shared
+  gamma/beta; ``mean``: divided by the bit-widths sharing them, the step a per-bit-width BN takes under SGD);
   downsampling-shortcut BNs are EMQ BNs too (shared and adapted), since their input is the quantized activation;
 * ``bn_adapt_batches=100`` training batches per bit-width (fewer if the set is smaller; 0 disables BN adaptation,
   and then untrained bit-widths cannot be evaluated);
@@ -174,7 +176,7 @@ class EMQ(Method):
                                          scales_per_layer=conv_constants(conv))
 
         def norm(bn: nn.BatchNorm2d) -> nn.Module:
-            return SharedBatchNorm2d.from_norm(bn, bits, bn_mode, cfg.share_binary_bn)
+            return SharedBatchNorm2d.from_norm(bn, bits, bn_mode, cfg.share_binary_bn, cfg.shared_bn_grad)
 
         topology = method_topology(model, model_name, fp_shortcut=cfg.fp_shortcut)
         return quantize_model(model, topology, layer=layer, norm=norm)

@@ -40,6 +40,7 @@ class EMQConfig(MethodConfig):
     bias_correction: Literal["per_layer", "per_channel", "off"] = "per_layer"
     shared_bn: bool = True
     share_binary_bn: bool = False
+    shared_bn_grad: Literal["sum", "mean"] = "sum"
     bn_adapt_batches: int = 100
     distill: Literal["none", "recursive"] = "none"
     act_bits: int | None = None
@@ -72,6 +73,8 @@ class EMQConfig(MethodConfig):
             raise ConfigError(f"emq rescore_every must be a positive integer, got {self.rescore_every}")
         if self.resample_every < 1:
             raise ConfigError(f"emq resample_every must be a positive integer, got {self.resample_every}")
+        if self.shared_bn_grad == "mean" and not self.shared_bn:
+            raise ConfigError("emq shared_bn_grad=mean needs shared_bn=true (separate BNs are not shared)")
         if self.bn_adapt_batches < 0:
             raise ConfigError(f"emq bn_adapt_batches must be non-negative, got {self.bn_adapt_batches}")
         if self.act_bits is not None and not 1 <= self.act_bits <= FULL_PRECISION:

@@ -11,6 +11,12 @@ Sampling" (NeurIPS 2025, arXiv 2510.20673), Sec. on BN sharing and BN adaptation
   mean/variance for that bit-width while gamma/beta stay shared. In eval mode a bit-width with adapted statistics
   normalizes with them; this also makes bit-widths that were never trained servable.
 
+``grad="mean"`` divides the shared gamma/beta gradient by the number of bit-widths that train on it. The
+algorithm accumulates every bit-width's backward pass into one gradient, so a shared BN receives the *sum* of k
+bit-widths' gradients where a per-bit-width BN receives one; under Adam (the optimizer of the recipes EMQ builds
+on) that scale cancels, under SGD it is a k-times larger step on the shared affine parameters. ``mean`` keeps that
+step equal to a per-bit-width BN's under any optimizer; the forward pass and running statistics are unchanged.
+
 Adapted statistics live in fixed tables indexed by ``bits - 1`` (1..32), so the state dict has the same keys
 whichever bit-widths were adapted.
 """
@@ -33,14 +39,45 @@ SHARED = "shared"
 BINARY = "binary"
 
 
+GRAD_MODES = ("sum", "mean")
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity forward; the gradient times ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output * ctx.scale, None
+
+
+def _batch_norm_training(norm: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in train mode with its affine parameters replaced by ``weight`` and ``bias`` (same running
+    statistics update, momentum None included, as ``nn.BatchNorm2d.forward``)."""
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            factor = 1.0 / float(norm.num_batches_tracked)
+    return F.batch_norm(x, norm.running_mean, norm.running_var, weight, bias, True, factor, norm.eps)
+
+
 class SharedBatchNorm2d(BitSwitchable, nn.Module):
     """Batch norm whose affine parameters are shared by groups of bit-widths (see the module docstring)."""
 
     def __init__(self, num_features: int, bits_set: Iterable[int], mode: str = "shared", share_binary: bool = False,
-                 eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+                 eps: float = 1e-5, momentum: float | None = 0.1, grad: str = "sum") -> None:
         super().__init__()
         if mode not in ("shared", "separate"):
             raise ValueError(f"mode must be shared or separate, got {mode!r}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
+        self.grad = grad
         self.bits_set = tuple(sorted({int(b) for b in bits_set}))
         self.mode = mode
         self.share_binary = share_binary
@@ -50,11 +87,12 @@ class SharedBatchNorm2d(BitSwitchable, nn.Module):
         self.register_buffer("adapted_var", torch.ones(MAX_BITS, num_features))
         self.register_buffer("adapted", torch.zeros(MAX_BITS, dtype=torch.bool))
         self.bits = self.bits_set[-1]
+        self.trained_per_group = {g: sum(1 for b in self.bits_set if self._group(b) == g) for g in groups}
 
     @classmethod
     def from_norm(cls, norm: nn.BatchNorm2d, bits_set: Iterable[int], mode: str = "shared",
-                  share_binary: bool = False) -> SharedBatchNorm2d:
-        return cls(norm.num_features, bits_set, mode, share_binary, norm.eps, norm.momentum)
+                  share_binary: bool = False, grad: str = "sum") -> SharedBatchNorm2d:
+        return cls(norm.num_features, bits_set, mode, share_binary, norm.eps, norm.momentum, grad)
 
     def _group(self, bits: int) -> str:
         if self.mode == "separate":
@@ -77,7 +115,14 @@ class SharedBatchNorm2d(BitSwitchable, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm_for(self.bits)
         row = self.bits - 1
-        if self.training or not bool(self.adapted[row]):
+        if self.training:
+            sharers = self.trained_per_group.get(self._group(self.bits), 1)
+            if self.grad == "mean" and sharers > 1 and torch.is_grad_enabled():
+                scale = 1.0 / sharers
+                return _batch_norm_training(norm, x, _ScaleGradient.apply(norm.weight, scale),
+                                            _ScaleGradient.apply(norm.bias, scale))
+            return norm(x)
+        if not bool(self.adapted[row]):
             return norm(x)
         return F.batch_norm(x, self.adapted_mean[row], self.adapted_var[row], norm.weight, norm.bias, False, 0.0,
                             norm.eps)

@@ -119,6 +119,16 @@ def test_cnn_layout_bias_corrected_dorefa_and_shared_bn_everywhere(synthetic):
     assert all(sorted(m.norms) == ["2", "8"] for m in off.modules() if isinstance(m, SharedBatchNorm2d))
 
 
+def test_shared_bn_grad_reaches_every_shared_bn_and_needs_a_shared_bn(synthetic):
+    _, model = build(synthetic, (2, 4, 8), shared_bn_grad="mean")
+    shared = [m for m in model.modules() if isinstance(m, SharedBatchNorm2d)]
+    assert shared and all(m.grad == "mean" and m.trained_per_group == {"shared": 3} for m in shared)
+    _, default = build(synthetic, (2, 4, 8))
+    assert all(m.grad == "sum" for m in default.modules() if isinstance(m, SharedBatchNorm2d))
+    with pytest.raises(ConfigError, match="shared_bn_grad=mean needs shared_bn=true"):
+        EMQConfig(shared_bn=False, shared_bn_grad="mean")
+
+
 def test_act_bits_fixes_the_activation_precision_below_32_bits(synthetic):
     _, model = build(synthetic, (2, 8, 32), act_bits=4)
     conv = model.blocks[0].conv2  # reads relu1's output through its input quantizer

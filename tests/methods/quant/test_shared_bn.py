@@ -116,3 +116,54 @@ def test_storage_counts_gamma_beta_once_per_group_and_statistics_per_bit_width()
     assert bn.storage_bits_total((1, 2, 4, 8)) == (2 * 2 + 4 * 2) * 10 * 32
     separate = SharedBatchNorm2d(10, (2, 4), mode="separate")
     assert separate.storage_bits_total((2, 4)) == 2 * 4 * 10 * 32
+
+
+def _train_steps(bn: SharedBatchNorm2d, bits_order: tuple[int, ...], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    outputs = []
+    weights = torch.linspace(-1.0, 2.0, inputs[0].numel()).reshape(inputs[0].shape)
+    for b, x in zip(bits_order, inputs):
+        bn.set_bits(b)
+        out = bn(x)
+        (out * weights).sum().backward()
+        outputs.append(out.detach())
+    return outputs
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_mean_gradient_mode_divides_the_shared_gradient_by_its_sharers_and_changes_nothing_else(momentum):
+    torch.manual_seed(0)
+    inputs = [torch.randn(6, 3, 4, 4) * s + s for s in (1.0, 2.0, 3.0)]
+    order = (8, 4, 2)
+    summed = SharedBatchNorm2d(3, (1, 2, 4, 8), momentum=momentum).train()
+    mean = SharedBatchNorm2d(3, (1, 2, 4, 8), momentum=momentum, grad="mean").train()
+    mean.load_state_dict(summed.state_dict())
+    out_sum, out_mean = _train_steps(summed, order, inputs), _train_steps(mean, order, inputs)
+    # forward passes and running statistics: bit for bit the plain BatchNorm2d's
+    assert all(torch.equal(a, b) for a, b in zip(out_sum, out_mean))
+    for name, value in summed.state_dict().items():
+        assert torch.equal(value, mean.state_dict()[name]), name
+    # three bit-widths share the BN: each backward contributes a third of its gradient
+    shared_sum, shared_mean = summed.norms["shared"], mean.norms["shared"]
+    torch.testing.assert_close(shared_mean.weight.grad, shared_sum.weight.grad / 3, atol=0, rtol=1e-6)
+    torch.testing.assert_close(shared_mean.bias.grad, shared_sum.bias.grad / 3, atol=0, rtol=1e-6)
+
+
+def test_mean_gradient_mode_is_exact_for_two_sharers_and_leaves_a_lone_bit_width_alone():
+    torch.manual_seed(1)
+    inputs = [torch.randn(5, 2, 3, 3) + k for k in range(3)]
+    summed = SharedBatchNorm2d(2, (1, 2, 4)).train()
+    mean = SharedBatchNorm2d(2, (1, 2, 4), grad="mean").train()
+    mean.load_state_dict(summed.state_dict())
+    _train_steps(summed, (4, 2, 1), inputs)
+    _train_steps(mean, (4, 2, 1), inputs)
+    # one half per backward is a power of two: every product and sum rounds alike, so the match is exact
+    assert torch.equal(mean.norms["shared"].weight.grad, summed.norms["shared"].weight.grad * 0.5)
+    assert torch.equal(mean.norms["shared"].bias.grad, summed.norms["shared"].bias.grad * 0.5)
+    # 1 bit has a BN of its own, trained by one bit-width: its gradient is untouched
+    assert torch.equal(mean.norms["binary"].weight.grad, summed.norms["binary"].weight.grad)
+    assert torch.equal(mean.norms["binary"].bias.grad, summed.norms["binary"].bias.grad)
+
+
+def test_unknown_gradient_mode_is_refused():
+    with pytest.raises(ValueError, match="grad must be one of"):
+        SharedBatchNorm2d(2, (2, 4), grad="median")
