@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from harness.errors import ConfigError
 from harness.export import assign_tensors
@@ -43,7 +44,8 @@ GRAD_MODES = ("sum", "mean")
 
 
 class _ScaleGradient(torch.autograd.Function):
-    """The identity forward; the gradient times ``scale`` backward."""
+    """The identity forward; the gradient times ``scale`` backward. Not :func:`methods.quant.lsq.scale_gradient`:
+    its ``(x - s x).detach() + s x`` can differ from ``x`` in the last bit, and the shared BN's forward must not."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
@@ -53,18 +55,6 @@ class _ScaleGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         return grad_output * ctx.scale, None
-
-
-def _batch_norm_training(norm: nn.BatchNorm2d, x: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` in train mode with its affine parameters replaced by ``weight`` and ``bias`` (same running
-    statistics update, momentum None included, as ``nn.BatchNorm2d.forward``)."""
-    factor = 0.0 if norm.momentum is None else norm.momentum
-    if norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            factor = 1.0 / float(norm.num_batches_tracked)
-    return F.batch_norm(x, norm.running_mean, norm.running_var, weight, bias, True, factor, norm.eps)
 
 
 class SharedBatchNorm2d(BitSwitchable, nn.Module):
@@ -116,11 +106,13 @@ class SharedBatchNorm2d(BitSwitchable, nn.Module):
         norm = self.norm_for(self.bits)
         row = self.bits - 1
         if self.training:
-            sharers = self.trained_per_group.get(self._group(self.bits), 1)
-            if self.grad == "mean" and sharers > 1 and torch.is_grad_enabled():
-                scale = 1.0 / sharers
-                return _batch_norm_training(norm, x, _ScaleGradient.apply(norm.weight, scale),
-                                            _ScaleGradient.apply(norm.bias, scale))
+            if self.grad == "mean" and torch.is_grad_enabled():
+                sharers = self.trained_per_group.get(self._group(self.bits), 1)
+                if sharers > 1:
+                    # BatchNorm2d's own forward (running statistics, momentum None) with scaled-gradient affines
+                    scaled = {name: _ScaleGradient.apply(p, 1.0 / sharers) for name, p in
+                              norm.named_parameters()}
+                    return functional_call(norm, scaled, (x,))
             return norm(x)
         if not bool(self.adapted[row]):
             return norm(x)
