@@ -16,8 +16,8 @@ seven elementwise operations per call, each with its own full-size output, and i
 convolution of every bit-width of every step. The fused forward is bit-identical to the composition (STE rounding
 ``t + (round(t) - t)`` equals ``round(t)`` exactly in floating point: ``round(t) - t`` is exact), and its backward
 is the composition's gradient, ``g`` where ``0 < x < 1`` (the mask of ``torch.clamp`` with scalar bounds, which
-passes no gradient at the bounds themselves), else 0; the composition computes ``(g / L) * L``, which can differ
-from ``g`` in the last bit.
+passes no gradient at the bounds themselves), else 0, computed by ``hardtanh_backward`` from the saved input; the
+composition computes ``(g / L) * L``, which can differ from ``g`` in the last bit.
 """
 
 from __future__ import annotations
@@ -88,18 +88,23 @@ def dorefa_weight_reference(weight: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class _ClampQuantize(torch.autograd.Function):
-    """``round(L clamp(x, 0, 1)) / L`` forward; straight-through inside ``(0, 1)`` backward (one saved mask)."""
+    """``round(L clamp(x, 0, 1)) / L`` forward; straight-through inside ``(0, 1)`` backward.
+
+    It saves ``x`` rather than a mask: in the harness topology ``x`` is a ReLU's output, which the ReLU keeps for
+    its own backward anyway, so saving it costs no memory, and the forward skips the three passes (two
+    comparisons and an and) that built the mask. The backward is ``hardtanh_backward``, one fused pass that
+    gives ``g`` where ``0 < x < 1`` and 0 elsewhere, the same values as ``g * mask``.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
-        inside = (x > 0) & (x < 1)
-        ctx.save_for_backward(inside)
+        ctx.save_for_backward(x)
         return x.clamp(0.0, 1.0).mul_(levels).round_().div_(levels)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        (inside,) = ctx.saved_tensors
-        return grad_output * inside, None
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad_output, x, 0.0, 1.0), None
 
 
 def dorefa_activation(x: torch.Tensor, bits: int, full_precision_act: str = "relu") -> torch.Tensor:
