@@ -90,10 +90,11 @@ def dorefa_weight_reference(weight: torch.Tensor, bits: int) -> torch.Tensor:
 class _ClampQuantize(torch.autograd.Function):
     """``round(L clamp(x, 0, 1)) / L`` forward; straight-through inside ``(0, 1)`` backward.
 
-    It saves ``x`` rather than a mask: in the harness topology ``x`` is a ReLU's output, which the ReLU keeps for
-    its own backward anyway, so saving it costs no memory, and the forward skips the three passes (two
-    comparisons and an and) that built the mask. The backward is ``hardtanh_backward``, one fused pass that
-    gives ``g`` where ``0 < x < 1`` and 0 elsewhere, the same values as ``g * mask``.
+    It saves ``x`` rather than a mask, so the forward skips the three passes (two comparisons and an and) that
+    built the mask. In the harness's ResNets ``x`` is a ReLU's output, which the ReLU keeps for its own backward,
+    so saving it costs no memory there (elsewhere, e.g. after a ViT's layer norm, a float where a bool was). The
+    backward is ``hardtanh_backward``, one fused pass that gives ``g`` where ``0 < x < 1`` and 0 elsewhere, the
+    same values as ``g * mask``.
     """
 
     @staticmethod
