@@ -44,20 +44,22 @@ class _BoundedQuantize(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int,
                 delta: float) -> torch.Tensor:
         inverse_gap = 1.0 / (upper - lower).clamp_min(MIN_BOUND_GAP)
-        normalized = (x - lower) * inverse_gap
+        normalized = (x - lower).mul_(inverse_gap)
         ctx.save_for_backward(normalized, lower, upper, inverse_gap)
         ctx.levels, ctx.delta = levels, delta
-        return torch.round(normalized.clamp(0.0, 1.0) * levels) / levels
+        # in place after the clamp's fresh output: the same float operations as round(clamp(n) L) / L, one buffer
+        return normalized.clamp(0.0, 1.0).mul_(levels).round_().div_(levels)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         normalized, lower, upper, inverse_gap = ctx.saved_tensors
         grad_unit = grad_output
+        unit = normalized.clamp(0.0, 1.0)
         if ctx.delta:
-            unit = normalized.clamp(0.0, 1.0)
             error = unit - torch.round(unit * ctx.levels) / ctx.levels
             grad_unit = grad_output * (1 + ctx.delta * torch.sign(grad_output) * error)
-        inside = (normalized >= 0) & (normalized <= 1)
+        # 0 <= n <= 1 (NaN outside) in one comparison against the clamp, which the EWGS term needs anyway
+        inside = unit == normalized
         grad_normalized = torch.where(inside, grad_unit * inverse_gap, 0.0)
         grad_x = grad_normalized if ctx.needs_input_grad[0] else None
         grad_lower = grad_upper = None
