@@ -110,8 +110,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> None:
 def broadcast_model(model: nn.Module) -> None:
     if not is_active():
         return
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    tensors = list(model.parameters()) + list(model.buffers())
+    for tensor in tensors:
         dist.broadcast(tensor.data, src=0)
+    # a write through .data leaves the version counter alone; bump it so that values cached per version (the
+    # quantizers' per-step terms, the evaluation weight cache) are recomputed from the broadcast weights
+    torch.autograd.graph.increment_version(tensors)
 
 
 def broadcast_object(obj: Any) -> Any:

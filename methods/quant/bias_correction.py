@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from methods.quant.modules import WeightQuantizer
+from methods.quant.version_cache import derived
 
 FULL_PRECISION = 32
 Granularity = Literal["per_layer", "per_channel"]
@@ -37,19 +38,31 @@ def _stat_dims(weight: torch.Tensor, granularity: Granularity) -> tuple[int, ...
     return tuple(range(1, weight.dim()))  # dim 0 is the output channel of Conv2d and Linear weights
 
 
-def correction_coefficients(quantized: torch.Tensor, reference: torch.Tensor,
-                            granularity: Granularity = "per_layer") -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2's ``(sqrt(V[w] / V[w_q]), E[w] - E[w_q])``, without gradient, shaped to broadcast against the weight
-    (one value per layer, or one per output channel)."""
+def reference_statistics(reference: torch.Tensor,
+                         granularity: Granularity = "per_layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E[w], V[w])`` of the full-precision reference, without gradient, shaped to broadcast against it."""
+    dims = _stat_dims(reference, granularity)
+    with torch.no_grad():
+        return reference.mean(dim=dims, keepdim=True), reference.var(dim=dims, correction=0, keepdim=True)
+
+
+def coefficients_from_statistics(quantized: torch.Tensor, mean_ref: torch.Tensor, var_ref: torch.Tensor,
+                                 granularity: Granularity = "per_layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`correction_coefficients` given the reference's :func:`reference_statistics`."""
     dims = _stat_dims(quantized, granularity)
     with torch.no_grad():
-        mean_ref = reference.mean(dim=dims, keepdim=True)
-        var_ref = reference.var(dim=dims, correction=0, keepdim=True)
         mean_q = quantized.mean(dim=dims, keepdim=True)
         var_q = quantized.var(dim=dims, correction=0, keepdim=True)
         scale = torch.where(var_q > MIN_VARIANCE, torch.sqrt(var_ref / var_q.clamp_min(MIN_VARIANCE)),
                             torch.ones_like(var_q))
         return scale, mean_ref - mean_q
+
+
+def correction_coefficients(quantized: torch.Tensor, reference: torch.Tensor,
+                            granularity: Granularity = "per_layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2's ``(sqrt(V[w] / V[w_q]), E[w] - E[w_q])``, without gradient, shaped to broadcast against the weight
+    (one value per layer, or one per output channel)."""
+    return coefficients_from_statistics(quantized, *reference_statistics(reference, granularity), granularity)
 
 
 def bias_correct(quantized: torch.Tensor, reference: torch.Tensor,
@@ -75,9 +88,16 @@ class BiasCorrectedQuantizer:
     def __call__(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
         if bits >= FULL_PRECISION:
             return self.quantizer(weight, FULL_PRECISION)
+        # the reference's statistics do not depend on the bit-width: once per version of the weight
+        mean_ref, var_ref = derived(weight, ("bias_correction_reference", self.quantizer, self.granularity),
+                                    lambda: self._reference_statistics(weight))
+        quantized = self.quantizer(weight, bits)
+        scale, shift = coefficients_from_statistics(quantized, mean_ref, var_ref, self.granularity)
+        return scale * (quantized + shift)  # as bias_correct
+
+    def _reference_statistics(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            reference = self.quantizer(weight, FULL_PRECISION)
-        return bias_correct(self.quantizer(weight, bits), reference, self.granularity)
+            return reference_statistics(self.quantizer(weight, FULL_PRECISION), self.granularity)
 
     def __repr__(self) -> str:
         name = getattr(self.quantizer, "__name__", repr(self.quantizer))

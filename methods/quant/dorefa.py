@@ -11,6 +11,13 @@ Yu et al., "Any-Precision Deep Neural Networks" (AAAI 2021, arXiv 1911.07346):
 
 ``q_k`` is :func:`methods.quant.ste.quantize_unit`. Every bit-width re-quantizes from the latent weights.
 
+The weight quantizer computes ``E``, ``t``, ``max|t|``, ``u``, the elements at the max and the backward pass's
+``(t / D) / D`` once per version of the latent weight (:mod:`methods.quant.version_cache`), not once per
+bit-width: one training step runs every bit-width on the same weights, and those terms do not depend on the
+bit-width. What remains per bit-width is the rounding forward and the scaling by the upstream gradient backward,
+the same float operations on the same values as the uncached node (:class:`_DoReFaWeight`, which runs under
+``torch.compile`` and with the cache off), so both give the same bits.
+
 The activation quantizer runs as one autograd function (:class:`_ClampQuantize`): the composed formula records
 seven elementwise operations per call, each with its own full-size output, and it runs at every quantized
 convolution of every bit-width of every step. The fused forward is bit-identical to the composition (STE rounding
@@ -23,8 +30,10 @@ composition computes ``(g / L) * L``, which can differ from ``g`` in the last bi
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from methods.quant.ste import quantize_unit
+from methods.quant.version_cache import caching, derived
 
 FULL_PRECISION = 32
 
@@ -71,9 +80,80 @@ class _DoReFaWeight(torch.autograd.Function):
         return torch.ops.aten.tanh_backward(grad_normalized, normalized), None  # autograd's own tanh kernel
 
 
+class _WeightTerms:
+    """The bit-width-independent terms of Eq. 9 for one version of a latent weight: ``E``, ``t``, ``max|t|``, and,
+    when first needed, ``u``, the elements at the max and the backward pass's ``(t / D) / D`` factors."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale = weight.abs().mean()
+            self.normalized = torch.tanh(weight)
+            self.max_abs = self.normalized.abs().max()
+        self._lazy: dict[str, torch.Tensor] = {}
+
+    def _get(self, name: str, compute) -> torch.Tensor:
+        if name not in self._lazy:
+            self._lazy[name] = compute()
+        return self._lazy[name]
+
+    def unit(self) -> torch.Tensor:
+        return self._get("unit", lambda: self.normalized / (2 * self.max_abs) + 0.5)
+
+    def quantized(self, bits: int) -> torch.Tensor:
+        """Eq. 9's forward pass, the composition's float operations in its order (bit for bit)."""
+        if bits >= FULL_PRECISION:
+            return (self.scale * self.normalized).div_(self.max_abs)
+        levels = 2**bits - 1
+        return (self.unit() * levels).round_().div_(levels).mul_(2).sub_(1).mul_(self.scale)
+
+    def ties(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sgn(t)`` at the elements where ``|t|`` is the max (0 elsewhere) and how many there are."""
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            at_max = self.normalized.abs() == self.max_abs
+            return torch.where(at_max, self.normalized.sgn(), 0.0), at_max.sum()
+        return self._get("ties", compute)
+
+    def max_factor(self, full_precision: bool) -> torch.Tensor:
+        """The division's ``(numerator / D) / D``: ``t`` over ``D = 2M`` below 32 bits, ``E t`` over ``M`` at 32."""
+        if full_precision:
+            return self._get("max_factor_32", lambda: ((self.scale * self.normalized) / self.max_abs) / self.max_abs)
+        return self._get("max_factor", lambda: (self.normalized / (2 * self.max_abs)) / (2 * self.max_abs))
+
+    def backward(self, grad_output: torch.Tensor, full_precision: bool) -> torch.Tensor:
+        """:class:`_DoReFaWeight`'s backward pass with the terms above read from the cache (bit for bit)."""
+        factor = self.max_factor(full_precision)
+        if full_precision:  # scale * t / M
+            grad_normalized = (grad_output / self.max_abs).mul_(self.scale)
+            grad_max = (grad_output * factor).sum().neg()
+        else:  # E * (2 * (t / D + 0.5) - 1) with D = 2M
+            grad_unit = (grad_output * self.scale).mul_(2)
+            grad_normalized = grad_unit / (2 * self.max_abs)
+            grad_max = grad_unit.mul_(factor).sum().neg() * 2
+        tie_signs, ties = self.ties()
+        grad_normalized.add_(tie_signs * (grad_max / ties))
+        return torch.ops.aten.tanh_backward(grad_normalized, self.normalized)
+
+
+class _CachedDoReFaWeight(torch.autograd.Function):
+    """:class:`_DoReFaWeight` with its bit-width-independent terms from :class:`_WeightTerms`: the same float
+    operations on the same values, forward and backward, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bits: int, terms: _WeightTerms) -> torch.Tensor:
+        ctx.terms, ctx.full_precision = terms, bits >= FULL_PRECISION
+        return terms.quantized(bits)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return ctx.terms.backward(grad_output, ctx.full_precision), None, None
+
+
 def dorefa_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize a latent weight tensor to ``bits`` (1..31) or return its 32-bit normalized form."""
-    return _DoReFaWeight.apply(weight, bits)
+    if not caching(weight):
+        return _DoReFaWeight.apply(weight, bits)
+    terms = derived(weight, "dorefa_weight", lambda: _WeightTerms(weight))
+    return _CachedDoReFaWeight.apply(weight, bits, terms)
 
 
 def dorefa_weight_reference(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -112,7 +192,15 @@ def dorefa_activation(x: torch.Tensor, bits: int, full_precision_act: str = "rel
     """Quantize an activation to ``bits``; at 32 bits apply ``full_precision_act`` ("relu" or "clamp")."""
     if bits >= FULL_PRECISION:
         return torch.relu(x) if full_precision_act == "relu" else torch.clamp(x, 0.0, 1.0)
-    return _ClampQuantize.apply(x, 2**bits - 1)
+    levels = 2**bits - 1
+    if torch.compiler.is_compiling():
+        return _ClampQuantize.apply(x, levels)
+    # hardtanh(x, 0, 1) is the clamp, and its autograd node (C++, no Python call) saves x and backs through
+    # hardtanh_backward, the straight-through mask above; rounding its fresh output in place without autograd
+    # leaves that node as the gradient, as _ClampQuantize does, with no Python on the forward or backward path.
+    out = F.hardtanh(x, 0.0, 1.0)
+    with torch.no_grad():
+        return out.mul_(levels).round_().div_(levels)
 
 
 def dorefa_activation_reference(x: torch.Tensor, bits: int, full_precision_act: str = "relu") -> torch.Tensor:

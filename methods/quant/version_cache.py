@@ -1,0 +1,72 @@
+"""Values derived from a tensor, computed once per version of that tensor.
+
+A multi-bit training step runs every bit-width's forward and backward pass on the same latent weights: the
+optimizer steps only after the last one. Much of a weight quantizer's work does not depend on the bit-width
+(DoReFa's ``tanh(w)``, ``max|tanh(w)|`` and ``mean|w|``, the full-precision reference of EMQ's bias correction),
+so it can be done once per step instead of once per bit-width. :func:`derived` keeps such values keyed on the
+tensor object, its storage and its version counter: an optimizer step, ``load_state_dict`` or any other in-place
+update bumps the version, so the next call recomputes. (Writing through ``tensor.data`` does not bump it; the
+harness bumps it by hand where it does so, see :func:`harness.distributed.broadcast_model`.)
+
+Entries live in a weak-keyed table: they go when their tensor goes, and are never part of a module's state, a
+checkpoint or a deep copy. ``torch.compile`` tracing and inference tensors (no version counter) bypass the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Hashable, Iterator
+from typing import TypeVar
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+T = TypeVar("T")
+
+_entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_enabled = True
+
+
+def _version_key(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.data_ptr(), tensor._version
+
+
+def caching(tensor: torch.Tensor) -> bool:
+    """Whether :func:`derived` would cache values of ``tensor`` here (not while compiling, not for inference
+    tensors, and not inside :func:`version_cache_disabled`)."""
+    return _enabled and not torch.compiler.is_compiling() and not tensor.is_inference()
+
+
+def derived(tensor: torch.Tensor, name: Hashable, compute: Callable[[], T]) -> T:
+    """``compute()``, or the value it returned for ``name`` (any hashable key: a string, or a tuple naming the
+    quantizer and its options) on this version of ``tensor``."""
+    if not caching(tensor):
+        return compute()
+    key = _version_key(tensor)
+    slot = _entries.get(tensor)
+    if slot is None or slot[0] != key:
+        slot = (key, {})
+        _entries[tensor] = slot
+    values = slot[1]
+    if name not in values:
+        values[name] = compute()
+    return values[name]
+
+
+def cached_entries(tensor: torch.Tensor) -> tuple[Hashable, ...]:
+    """Names cached for the current version of ``tensor`` (for tests and debugging)."""
+    slot = _entries.get(tensor)
+    if slot is None or slot[0] != _version_key(tensor):
+        return ()
+    return tuple(slot[1])
+
+
+@contextlib.contextmanager
+def version_cache_disabled() -> Iterator[None]:
+    """Recompute every derived value on every call (the reference the cached path is tested against)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous

@@ -1,0 +1,160 @@
+"""Values cached per version of a tensor: computed once, recomputed after an in-place update, gone with the tensor;
+and the quantizers that use the cache give the uncached results bit for bit over a multi-bit step."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from harness import distributed
+from methods.quant.bias_correction import BiasCorrectedQuantizer
+from methods.quant.dorefa import dorefa_weight
+from methods.quant.statsq import statsq_weight
+from methods.quant.version_cache import cached_entries, derived, version_cache_disabled
+
+
+def counting(value):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return value
+
+    return compute, calls
+
+
+def test_value_is_computed_once_per_version_and_again_after_an_in_place_update():
+    weight = nn.Parameter(torch.ones(3))
+    compute, calls = counting(7)
+    assert [derived(weight, "seven", compute) for _ in range(3)] == [7, 7, 7]
+    assert len(calls) == 1
+    assert cached_entries(weight) == ("seven",)
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    weight.grad = torch.ones(3)
+    optimizer.step()  # in place: bumps the version
+    assert cached_entries(weight) == ()
+    derived(weight, "seven", compute)
+    assert len(calls) == 2
+
+
+def test_names_are_separate_and_tensors_are_separate():
+    a, b = torch.zeros(2), torch.zeros(2)
+    assert derived(a, "x", lambda: 1) == 1
+    assert derived(a, ("y", dorefa_weight), lambda: 2) == 2
+    assert derived(b, "x", lambda: 3) == 3
+    assert derived(a, "x", lambda: 4) == 1
+    assert set(cached_entries(a)) == {"x", ("y", dorefa_weight)}
+
+
+def test_entries_go_with_their_tensor():
+    tensor = torch.zeros(4)
+    value = weakref.ref(derived(tensor, "x", lambda: torch.ones(4)))
+    assert value() is not None  # held by the cache
+    del tensor
+    gc.collect()
+    assert value() is None
+
+
+def test_disabled_cache_and_inference_tensors_recompute_every_time():
+    weight = torch.zeros(2)
+    compute, calls = counting(1)
+    with version_cache_disabled():
+        derived(weight, "x", compute)
+        derived(weight, "x", compute)
+    with torch.inference_mode():
+        inference = torch.zeros(2)
+    derived(inference, "x", compute)
+    derived(inference, "x", compute)
+    assert len(calls) == 4
+    assert cached_entries(weight) == ()
+
+
+def test_the_cache_is_not_part_of_state_or_copies():
+    layer = nn.Linear(3, 2)
+    derived(layer.weight, "x", lambda: torch.ones(100))
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    assert not layer.weight.__dict__
+
+
+def test_broadcast_model_bumps_versions_so_cached_values_are_recomputed(monkeypatch):
+    model = nn.Linear(3, 2)
+    weight = model.weight
+    stale = dorefa_weight(weight, 2).detach()
+    monkeypatch.setattr(distributed, "is_active", lambda: True)
+    # rank 0's weights arrive through .data, which leaves the version counter alone
+    monkeypatch.setattr(distributed.dist, "broadcast", lambda tensor, src: tensor.mul_(-3.0))
+    distributed.broadcast_model(model)
+    fresh = dorefa_weight(weight, 2)
+    with version_cache_disabled():
+        assert torch.equal(fresh, dorefa_weight(weight, 2))
+    assert not torch.equal(fresh, stale)
+
+
+def multi_bit_step(quantizer, weight: torch.Tensor, bits_list, upstream) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each bit-width's forward and backward on the same weights, as a multi-bit training step runs them."""
+    outputs = []
+    for bits, grad in zip(bits_list, upstream):
+        out = quantizer(weight, bits)
+        out.backward(grad)
+        outputs.append(out.detach())
+    return outputs, weight.grad
+
+
+QUANTIZERS = {
+    "dorefa": dorefa_weight,
+    "dorefa+bias_correction": BiasCorrectedQuantizer(dorefa_weight),
+    "dorefa+bias_correction per channel": BiasCorrectedQuantizer(dorefa_weight, "per_channel"),
+    "statsq+bias_correction": BiasCorrectedQuantizer(statsq_weight),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUANTIZERS))
+@pytest.mark.parametrize("bits_list", [(8, 4, 2), (32, 8, 4, 2, 1), (1, 3, 5, 6, 7)])
+def test_cached_quantizers_equal_the_uncached_ones_bit_for_bit_over_steps(name, bits_list):
+    quantizer = QUANTIZERS[name]
+    torch.manual_seed(len(bits_list))
+    initial = torch.randn(16, 8, 3, 3) * 0.2
+    flat = initial.view(-1)
+    flat[1] = -flat.abs().max()  # a tie at the max
+    flat[0] = -flat[1]
+    results = []
+    for cached in (True, False):
+        torch.manual_seed(0)
+        weight = nn.Parameter(initial.clone())
+        optimizer = torch.optim.SGD([weight], lr=0.5)
+        steps = []
+        for _ in range(2):  # the second step runs on updated weights: the cache must follow them
+            upstream = [torch.randn_like(initial) for _ in bits_list]
+            optimizer.zero_grad()
+            if cached:
+                steps.append(multi_bit_step(quantizer, weight, bits_list, upstream))
+            else:
+                with version_cache_disabled():
+                    steps.append(multi_bit_step(quantizer, weight, bits_list, upstream))
+            steps[-1] = (steps[-1][0], steps[-1][1].clone())
+            optimizer.step()
+        results.append(steps)
+    for (cached_outs, cached_grad), (plain_outs, plain_grad) in zip(*results):
+        for cached_out, plain_out in zip(cached_outs, plain_outs):
+            torch.testing.assert_close(cached_out, plain_out, rtol=0, atol=0)
+        torch.testing.assert_close(cached_grad, plain_grad, rtol=0, atol=0)
+
+
+def test_dorefa_terms_are_computed_once_for_every_bit_width_of_a_step():
+    weight = nn.Parameter(torch.randn(8, 4, 3, 3))
+    first = dorefa_weight(weight, 8)
+    terms = weight_terms(weight)
+    for bits in (4, 2, 32):
+        dorefa_weight(weight, bits).sum().backward()
+        assert weight_terms(weight) is terms
+    first.sum().backward()
+    with torch.no_grad():
+        weight.add_(1.0)
+    dorefa_weight(weight, 8)
+    assert weight_terms(weight) is not terms
+
+
+def weight_terms(weight: torch.Tensor):
+    return derived(weight, "dorefa_weight", lambda: pytest.fail("the terms were not cached"))
