@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from methods.quant.bounded import activation_bounds_init, weight_bounds_init
+from methods.quant.bounded import activation_bounds_init, inclusive_unit_mask_backward, weight_bounds_init
 from methods.quant.branch_norm import BranchAverage, SharedBranchBatchNorm2d, channel_shuffle
 from methods.quant.branch_selection import num_branches, partial_branch
 from methods.quant.branches import (
@@ -237,3 +237,19 @@ def test_channel_shuffle_interleaves_branches():
     x = torch.arange(6.0).view(1, 6, 1, 1)  # 2 branches x 3 channels
     assert channel_shuffle(x, 2).flatten().tolist() == [0, 3, 1, 4, 2, 5]
     assert channel_shuffle(x, 1).flatten().tolist() == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_inclusive_mask_backward_passes_the_closed_unit_interval_exactly(dtype):
+    info = torch.finfo(dtype)
+    one = torch.tensor(1.0, dtype=dtype)
+    edges = torch.tensor([0.0, -0.0, 1.0, -info.tiny, info.tiny, 0.5, -3.0, 7.0], dtype=dtype)
+    edges = torch.cat((edges, torch.nextafter(one, 2 * one).view(1), torch.nextafter(one, 0 * one).view(1)))
+    torch.manual_seed(0)
+    normalized = torch.cat((edges, (torch.randn(4096) * 0.8 + 0.5).to(dtype)))
+    grad = torch.randn(normalized.shape).to(dtype)
+    expected = torch.where((normalized >= 0) & (normalized <= 1), grad, 0.0)
+    got = inclusive_unit_mask_backward(grad, normalized)
+    assert torch.equal(got, expected)
+    assert got[:3].tolist() == grad[:3].tolist()  # 0, -0 and 1 pass: the bounds belong to the interval
+    assert got[3] == 0 and got[8] == 0  # the next numbers outside do not
