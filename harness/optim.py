@@ -48,3 +48,16 @@ def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
+
+
+def step_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Step every optimizer, then bump its parameters' version counters.
+
+    Values cached per version of a parameter (``methods.quant.version_cache``, the evaluation weight cache) rely on
+    an update moving the version; the for-loop and foreach optimizers move it, but a fused kernel writes the
+    parameters without doing so. One bump per step makes that hold for every optimizer.
+    """
+    for optimizer in optimizers:
+        optimizer.step()
+    params = [p for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]]
+    torch.autograd.graph.increment_version(params)

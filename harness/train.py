@@ -29,7 +29,7 @@ from harness.evaluate import evaluate_bits
 from harness.loader import epoch_batches, steps_per_epoch
 from harness.method import Method, RunContext
 from harness.method_config import parse_method_spec
-from harness.optim import build_optimizers, set_lr
+from harness.optim import build_optimizers, set_lr, step_optimizers
 from harness.registry import get_method
 from harness.runtime import Runtime, needs_onednn_off, place_data
 from harness.store import RunStore
@@ -271,8 +271,7 @@ def _run_cell(spec: RunSpec, method_spec: str, seed: int, data: DataBundle, stor
                         f"{method_spec} (seed {seed}) diverged: loss {step_loss} at epoch {epoch + 1} step "
                         f"{index + 1}; the last completed epoch's checkpoint is kept (try a lower --lr)")
                 distributed.all_reduce_gradients(model)
-                for optimizer in optimizers:
-                    optimizer.step()
+                step_optimizers(optimizers)
                 total_loss += step_loss
                 count += 1
                 if budget is not None:

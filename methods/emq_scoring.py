@@ -32,7 +32,7 @@ from harness.errors import ConfigError, TrainingDiverged
 from harness.loader import epoch_batches, steps_per_epoch
 from harness.method import RunContext
 from harness.models import role_of
-from harness.optim import build_optimizers, set_lr
+from harness.optim import build_optimizers, set_lr, step_optimizers
 from methods.emq_config import scoring_lr_factor
 from methods.quant.coreset_selectors import Selector, get_selector
 
@@ -108,8 +108,7 @@ def scoring_run(method: Any, initial: nn.Module, train_set: ImageSet, bits: tupl
                 raise TrainingDiverged(f"emq scoring run at {bits} bits diverged in scoring epoch {epoch + 1} "
                                        f"(try a lower --lr)")
             distributed.all_reduce_gradients(network)  # under torchrun the scoring run is data-parallel too
-            for optimizer in optimizers:
-                optimizer.step()
+            step_optimizers(optimizers)
             rows = batch.indices.to(ctx.device)
             for b in bits:
                 probabilities[b][rows] = F.softmax(outputs[b].float(), dim=1)

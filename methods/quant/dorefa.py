@@ -18,9 +18,11 @@ bit-width. What remains per bit-width is the rounding forward and the scaling by
 the same float operations on the same values as the uncached node (:class:`_DoReFaWeight`, which runs under
 ``torch.compile`` and with the cache off), so both give the same bits.
 
-The activation quantizer runs as one autograd function (:class:`_ClampQuantize`): the composed formula records
-seven elementwise operations per call, each with its own full-size output, and it runs at every quantized
-convolution of every bit-width of every step. The fused forward is bit-identical to the composition (STE rounding
+The activation quantizer runs as ``hardtanh``'s autograd node with the rounding applied to its fresh output in
+place, without autograd (under ``torch.compile``: one autograd function, :class:`_ClampQuantize`): the composed
+formula records seven elementwise operations per call, each with its own full-size output, and it runs at every
+quantized convolution of every bit-width of every step. (Forward-mode AD would see the rounding's zero tangent;
+nothing here uses it.) The fused forward is bit-identical to the composition (STE rounding
 ``t + (round(t) - t)`` equals ``round(t)`` exactly in floating point: ``round(t) - t`` is exact), and its backward
 is the composition's gradient, ``g`` where ``0 < x < 1`` (the mask of ``torch.clamp`` with scalar bounds, which
 passes no gradient at the bounds themselves), else 0, computed by ``hardtanh_backward`` from the saved input; the
@@ -82,7 +84,8 @@ class _DoReFaWeight(torch.autograd.Function):
 
 class _WeightTerms:
     """The bit-width-independent terms of Eq. 9 for one version of a latent weight: ``E``, ``t``, ``max|t|``, and,
-    when first needed, ``u``, the elements at the max and the backward pass's ``(t / D) / D`` factors."""
+    when first needed, ``u``, the elements at the max and the backward pass's ``(t / D) / D`` factors (about
+    3.3 weight-sized float32 tensors in all, held until the weight changes or goes)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         with torch.no_grad():
@@ -107,10 +110,10 @@ class _WeightTerms:
         return (self.unit() * levels).round_().div_(levels).mul_(2).sub_(1).mul_(self.scale)
 
     def ties(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``sgn(t)`` at the elements where ``|t|`` is the max (0 elsewhere) and how many there are."""
+        """Where ``|t|`` is the max, and how many elements are."""
         def compute() -> tuple[torch.Tensor, torch.Tensor]:
             at_max = self.normalized.abs() == self.max_abs
-            return torch.where(at_max, self.normalized.sgn(), 0.0), at_max.sum()
+            return at_max, at_max.sum()
         return self._get("ties", compute)
 
     def max_factor(self, full_precision: bool) -> torch.Tensor:
@@ -120,17 +123,19 @@ class _WeightTerms:
         return self._get("max_factor", lambda: (self.normalized / (2 * self.max_abs)) / (2 * self.max_abs))
 
     def backward(self, grad_output: torch.Tensor, full_precision: bool) -> torch.Tensor:
-        """:class:`_DoReFaWeight`'s backward pass with the terms above read from the cache (bit for bit)."""
+        """:class:`_DoReFaWeight`'s backward pass with the terms above read from the cache: the same operations on
+        the same values, so the same bits (signed zeros and non-finite values included)."""
         factor = self.max_factor(full_precision)
         if full_precision:  # scale * t / M
             grad_normalized = (grad_output / self.max_abs).mul_(self.scale)
-            grad_max = (grad_output * factor).sum().neg()
+            grad_max = torch.neg(grad_output).mul_(factor).sum()
         else:  # E * (2 * (t / D + 0.5) - 1) with D = 2M
             grad_unit = (grad_output * self.scale).mul_(2)
             grad_normalized = grad_unit / (2 * self.max_abs)
-            grad_max = grad_unit.mul_(factor).sum().neg() * 2
-        tie_signs, ties = self.ties()
-        grad_normalized.add_(tie_signs * (grad_max / ties))
+            grad_max = grad_unit.neg_().mul_(factor).sum() * 2
+        at_max, ties = self.ties()
+        shared = torch.where(at_max, grad_max / ties, 0.0)
+        grad_normalized.add_(shared.mul_(self.normalized.sgn()))
         return torch.ops.aten.tanh_backward(grad_normalized, self.normalized)
 
 

@@ -39,6 +39,11 @@ from methods.quant.ste import round_ste
 SHARED_KEY = "shared"
 
 
+def _clip(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """``min(relu(x), a)`` in one pass: ``clamp(x, 0, a)`` takes the same values (NaN included)."""
+    return torch.clamp(x, torch.zeros((), dtype=x.dtype, device=x.device), clip)
+
+
 class _PACTQuantize(torch.autograd.Function):
     """``round(L clamp(x, 0, a) / a) / L * a`` with ``a = |alpha|``; the closed-form gradients of the module
     docstring in the backward pass, from the saved input alone."""
@@ -48,7 +53,7 @@ class _PACTQuantize(torch.autograd.Function):
         clip = alpha.abs()
         ctx.save_for_backward(x, alpha)
         ctx.levels = levels
-        scaled = torch.minimum(torch.relu(x), clip).div_(clip).mul_(levels)
+        scaled = _clip(x, clip).div_(clip).mul_(levels)
         return scaled.round_().div_(levels).mul_(clip)
 
     @staticmethod
@@ -58,10 +63,13 @@ class _PACTQuantize(torch.autograd.Function):
         levels = ctx.levels
         grad_x = grad_alpha = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_output * ((x > 0) & (x < clip))
+            # g where 0 < x < a: two fused threshold passes (x > 0, then a - x > 0, whose sign is exactly that of
+            # a - x) instead of two comparisons, an and and a multiply by the mask; no host read of a
+            grad_x = torch.ops.aten.threshold_backward(
+                torch.ops.aten.threshold_backward(grad_output, x, 0), clip - x, 0)
         if ctx.needs_input_grad[1]:
             # dy/da: q(x/a) - x/a on [0, a) (0 at x <= 0, where the clamp gives 0), 1 at x >= a (where that term is 0)
-            scaled = torch.minimum(torch.relu(x), clip).div_(clip).mul_(levels)
+            scaled = _clip(x, clip).div_(clip).mul_(levels)
             dy_da = (torch.round(scaled) - scaled).div_(levels).add_(x >= clip)
             grad_alpha = (grad_output * dy_da).sum().reshape(alpha.shape) * alpha.sgn()
         return grad_x, grad_alpha, None

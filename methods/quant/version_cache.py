@@ -4,12 +4,16 @@ A multi-bit training step runs every bit-width's forward and backward pass on th
 optimizer steps only after the last one. Much of a weight quantizer's work does not depend on the bit-width
 (DoReFa's ``tanh(w)``, ``max|tanh(w)|`` and ``mean|w|``, the full-precision reference of EMQ's bias correction),
 so it can be done once per step instead of once per bit-width. :func:`derived` keeps such values keyed on the
-tensor object, its storage and its version counter: an optimizer step, ``load_state_dict`` or any other in-place
-update bumps the version, so the next call recomputes. (Writing through ``tensor.data`` does not bump it; the
-harness bumps it by hand where it does so, see :func:`harness.distributed.broadcast_model`.)
+tensor object, its storage (held by a weak reference, so a freed storage's address cannot be mistaken for it) and
+its version counter: ``load_state_dict``, ``copy_`` and any other in-place update bump the version, so the next
+call recomputes. Two writes leave the version alone: a fused optimizer kernel, and anything written through
+``tensor.data``; the harness bumps the versions itself after every optimizer step
+(:func:`harness.optim.step_optimizers`) and after broadcasting weights (:func:`harness.distributed.broadcast_model`).
+Assigning ``tensor.data = other`` changes the storage, which is a miss.
 
 Entries live in a weak-keyed table: they go when their tensor goes, and are never part of a module's state, a
-checkpoint or a deep copy. ``torch.compile`` tracing and inference tensors (no version counter) bypass the cache.
+checkpoint or a deep copy. ``torch.compile`` tracing, inference mode and inference tensors, and ``torch.func``'s
+wrapped tensors bypass the cache.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import TypeVar
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
 T = TypeVar("T")
@@ -27,14 +32,21 @@ _entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _enabled = True
 
 
-def _version_key(tensor: torch.Tensor) -> tuple[int, int]:
-    return tensor.data_ptr(), tensor._version
+def _version_key(tensor: torch.Tensor) -> tuple[int, int, int]:
+    return tensor.untyped_storage()._cdata, tensor.data_ptr(), tensor._version
 
 
 def caching(tensor: torch.Tensor) -> bool:
-    """Whether :func:`derived` would cache values of ``tensor`` here (not while compiling, not for inference
-    tensors, and not inside :func:`version_cache_disabled`)."""
-    return _enabled and not torch.compiler.is_compiling() and not tensor.is_inference()
+    """Whether :func:`derived` would cache values of ``tensor`` here (not while compiling, not in inference mode or
+    for inference tensors, not for tensors without storage such as ``torch.func``'s wrappers, and not inside
+    :func:`version_cache_disabled`)."""
+    if not _enabled or torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or tensor.is_inference():
+        return False
+    try:
+        tensor.data_ptr()
+    except RuntimeError:  # functorch's wrapped tensors have no data pointer
+        return False
+    return True
 
 
 def derived(tensor: torch.Tensor, name: Hashable, compute: Callable[[], T]) -> T:
@@ -45,7 +57,8 @@ def derived(tensor: torch.Tensor, name: Hashable, compute: Callable[[], T]) -> T
     key = _version_key(tensor)
     slot = _entries.get(tensor)
     if slot is None or slot[0] != key:
-        slot = (key, {})
+        # the weak reference keeps the storage's bookkeeping object alive, so its address in the key stays unique
+        slot = (key, {}, StorageWeakRef(tensor.untyped_storage()))
         _entries[tensor] = slot
     values = slot[1]
     if name not in values:

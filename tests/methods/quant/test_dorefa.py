@@ -1,5 +1,7 @@
 """DoReFa quantizers against hand-computed values (Any-Precision spec, "Quantizers")."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -127,15 +129,20 @@ def test_fused_weight_equals_the_composed_formula(bits, shape):
     torch.testing.assert_close(fused_grad, composed_grad)
 
 
+@pytest.mark.parametrize("cached", [True, False])
 @pytest.mark.parametrize("bits", [2, 8, 32])
-def test_fused_weight_never_reads_a_value_back_to_the_host(bits):
+def test_fused_weight_never_reads_a_value_back_to_the_host(bits, cached):
     # A host read (Tensor.item, e.g. inside masked_fill_ with a tensor value) is a device sync on CUDA, once per
     # quantized layer, bit-width and step; the profiler sees the same call on the CPU.
     from torch.profiler import ProfilerActivity, profile
 
+    from methods.quant.version_cache import version_cache_disabled
+
     weight = (torch.randn(16, 8, 3, 3) * 0.2).requires_grad_(True)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU]) as prof, (
+            contextlib.nullcontext() if cached else version_cache_disabled()):
         dorefa_weight(weight, bits).sum().backward()
     names = [event.name for event in prof.events()]
-    assert "DoReFaWeightBackward" in " ".join(names)  # the fused backward ran under the profiler
+    node = "_CachedDoReFaWeightBackward" if cached else "_DoReFaWeightBackward"
+    assert any(name.endswith(node) and name.count("Cached") == cached for name in names)  # that node ran
     assert names.count("aten::_local_scalar_dense") == 0

@@ -1,6 +1,8 @@
 """Values cached per version of a tensor: computed once, recomputed after an in-place update, gone with the tensor;
 and the quantizers that use the cache give the uncached results bit for bit over a multi-bit step."""
 
+import contextlib
+import copy
 import gc
 import weakref
 
@@ -9,6 +11,7 @@ import torch
 from torch import nn
 
 from harness import distributed
+from harness.optim import step_optimizers
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.dorefa import dorefa_weight
 from methods.quant.statsq import statsq_weight
@@ -76,6 +79,41 @@ def test_the_cache_is_not_part_of_state_or_copies():
     derived(layer.weight, "x", lambda: torch.ones(100))
     assert set(layer.state_dict()) == {"weight", "bias"}
     assert not layer.weight.__dict__
+    twin = copy.deepcopy(layer)
+    assert cached_entries(twin.weight) == ()
+    assert derived(twin.weight, "x", lambda: 5) == 5
+
+
+def test_new_storage_is_a_miss_even_at_a_reused_address():
+    weight = nn.Parameter(torch.randn(64, 64, 3, 3))
+    for _ in range(20):
+        derived(weight, "x", lambda: weight.detach().clone())
+        weight.data = torch.randn(64, 64, 3, 3)  # set_data: same version counter, new storage
+        assert cached_entries(weight) == ()
+        assert torch.equal(derived(weight, "x", lambda: weight.detach().clone()), weight.detach())
+
+
+def test_inference_mode_and_functorch_wrappers_bypass_the_cache():
+    weight = nn.Parameter(torch.randn(4, 3))
+    with torch.inference_mode():
+        dorefa_weight(weight, 2)
+    assert cached_entries(weight) == ()
+    # torch.func's wrapped tensors have no data pointer: the uncached node runs and says what it needs
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda w: dorefa_weight(w, 2).sum())(weight.detach())
+
+
+@pytest.mark.parametrize("optimizer_kind", ["sgd-fused", "adam-fused", "sgd-foreach"])
+def test_step_optimizers_bumps_versions_even_for_fused_kernels(optimizer_kind):
+    name, implementation = optimizer_kind.split("-")
+    weight = nn.Parameter(torch.randn(8, 4, 3, 3) * 0.2)
+    optimizer_class = torch.optim.SGD if name == "sgd" else torch.optim.Adam
+    optimizer = optimizer_class([weight], lr=0.5, **{implementation: True})
+    dorefa_weight(weight, 2).sum().backward()
+    step_optimizers([optimizer])
+    with version_cache_disabled():
+        fresh = dorefa_weight(weight, 2)
+    assert torch.equal(dorefa_weight(weight, 2), fresh)
 
 
 def test_broadcast_model_bumps_versions_so_cached_values_are_recomputed(monkeypatch):
@@ -90,6 +128,11 @@ def test_broadcast_model_bumps_versions_so_cached_values_are_recomputed(monkeypa
     with version_cache_disabled():
         assert torch.equal(fresh, dorefa_weight(weight, 2))
     assert not torch.equal(fresh, stale)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns: signed zeros and NaNs count, unlike ``torch.equal``."""
+    return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 def multi_bit_step(quantizer, weight: torch.Tensor, bits_list, upstream) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -138,8 +181,28 @@ def test_cached_quantizers_equal_the_uncached_ones_bit_for_bit_over_steps(name, 
         results.append(steps)
     for (cached_outs, cached_grad), (plain_outs, plain_grad) in zip(*results):
         for cached_out, plain_out in zip(cached_outs, plain_outs):
-            torch.testing.assert_close(cached_out, plain_out, rtol=0, atol=0)
-        torch.testing.assert_close(cached_grad, plain_grad, rtol=0, atol=0)
+            assert same_bits(cached_out, plain_out)
+        assert same_bits(cached_grad, plain_grad)
+
+
+@pytest.mark.parametrize("upstream_kind", ["negative zeros", "one infinite element"])
+@pytest.mark.parametrize("bits", [2, 32])
+def test_cached_dorefa_gradient_keeps_signed_zeros_and_non_finite_values_where_they_were(upstream_kind, bits):
+    initial = torch.randn(16, 8, 3, 3) * 0.2
+    if upstream_kind == "negative zeros":
+        upstream = torch.full_like(initial, -0.0)
+    else:
+        upstream = torch.randn_like(initial)
+        upstream.view(-1)[7] = float("inf")
+    grads = []
+    for cached in (True, False):
+        weight = nn.Parameter(initial.clone())
+        with contextlib.nullcontext() if cached else version_cache_disabled():
+            dorefa_weight(weight, bits).backward(upstream)
+        grads.append(weight.grad)
+    assert same_bits(*grads)
+    if upstream_kind == "one infinite element":
+        assert 0 < (~grads[0].isfinite()).sum() < 4  # the element itself and the max, not the whole tensor
 
 
 def test_dorefa_terms_are_computed_once_for_every_bit_width_of_a_step():
@@ -158,3 +221,15 @@ def test_dorefa_terms_are_computed_once_for_every_bit_width_of_a_step():
 
 def weight_terms(weight: torch.Tensor):
     return derived(weight, "dorefa_weight", lambda: pytest.fail("the terms were not cached"))
+
+
+def test_bias_correction_keys_its_reference_by_quantizer_and_granularity():
+    weight = nn.Parameter(torch.randn(6, 4, 3, 3) * 0.2)
+    per_layer, per_channel = BiasCorrectedQuantizer(dorefa_weight), BiasCorrectedQuantizer(dorefa_weight, "per_channel")
+    first = per_layer(weight, 2).detach()
+    second = per_channel(weight, 2).detach()
+    with version_cache_disabled():
+        assert same_bits(first, per_layer(weight, 2).detach())
+        assert same_bits(second, per_channel(weight, 2).detach())
+    keys = [key for key in cached_entries(weight) if isinstance(key, tuple)]
+    assert len(keys) == 2
