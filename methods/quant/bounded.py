@@ -42,7 +42,10 @@ def inclusive_unit_mask_backward(grad: torch.Tensor, normalized: torch.Tensor) -
     a large activation.
     """
     info = torch.finfo(normalized.dtype)
-    return torch.ops.aten.hardtanh_backward(grad, normalized, -info.tiny, 1.0 + info.eps)
+    # written in n's memory layout, as torch.where over a mask of n writes it: a weight's gradient arrives in the
+    # convolution's layout, and a result in another layout changes the summation order of what consumes it
+    out = torch.empty_like(normalized)
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, normalized, -info.tiny, 1.0 + info.eps, grad_input=out)
 
 
 class _BoundedQuantize(torch.autograd.Function):

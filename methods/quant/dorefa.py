@@ -135,7 +135,7 @@ class _WeightTerms:
             grad_max = grad_unit.neg_().mul_(factor).sum() * 2
         at_max, ties = self.ties()
         shared = torch.where(at_max, grad_max / ties, 0.0)
-        grad_normalized.add_(shared.mul_(self.normalized.sgn()))
+        grad_normalized = grad_normalized + shared.mul_(self.normalized.sgn())  # out of place: the old layout
         return torch.ops.aten.tanh_backward(grad_normalized, self.normalized)
 
 

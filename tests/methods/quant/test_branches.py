@@ -253,3 +253,14 @@ def test_inclusive_mask_backward_passes_the_closed_unit_interval_exactly(dtype):
     assert torch.equal(got, expected)
     assert got[:3].tolist() == grad[:3].tolist()  # 0, -0 and 1 pass: the bounds belong to the interval
     assert got[3] == 0 and got[8] == 0  # the next numbers outside do not
+
+
+def test_inclusive_mask_backward_writes_in_the_layout_of_n_as_where_does():
+    # a weight's gradient arrives in the convolution's layout; the result must not inherit it, or what consumes it
+    # sums in another order (seen: MBQuant's main-job cells moved by 2 test images)
+    normalized = torch.randn(4, 8, 16, 3, 3) * 0.8 + 0.5
+    grad = torch.randn(4, 8, 3, 3, 16).permute(0, 1, 4, 2, 3)  # same shape, channels-last-like strides
+    got = inclusive_unit_mask_backward(grad, normalized)
+    expected = torch.where(normalized.clamp(0.0, 1.0) == normalized, grad, 0.0)
+    assert got.stride() == expected.stride() == normalized.stride()
+    assert torch.equal(got, expected)
