@@ -28,8 +28,27 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 T = TypeVar("T")
 
+
+class CacheSwitch:
+    """Whether a cache is on, and a context manager that turns it off for a while (the reference path that the
+    cached one is tested against)."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+
+    @contextlib.contextmanager
+    def off(self) -> Iterator[None]:
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+
 _entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_enabled = True
+_switch = CacheSwitch()
+#: Recompute every derived value on every call (the reference the cached path is tested against).
+version_cache_disabled = _switch.off
 
 
 def _version_key(tensor: torch.Tensor) -> tuple[int, int, int]:
@@ -40,7 +59,9 @@ def caching(tensor: torch.Tensor) -> bool:
     """Whether :func:`derived` would cache values of ``tensor`` here (not while compiling, not in inference mode or
     for inference tensors, not for tensors without storage such as ``torch.func``'s wrappers, and not inside
     :func:`version_cache_disabled`)."""
-    if not _enabled or torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or tensor.is_inference():
+    if not _switch.enabled or torch.compiler.is_compiling():
+        return False
+    if torch.is_inference_mode_enabled() or tensor.is_inference():
         return False
     try:
         tensor.data_ptr()
@@ -72,14 +93,3 @@ def cached_entries(tensor: torch.Tensor) -> tuple[Hashable, ...]:
     if slot is None or slot[0] != _version_key(tensor):
         return ()
     return tuple(slot[1])
-
-
-@contextlib.contextmanager
-def version_cache_disabled() -> Iterator[None]:
-    """Recompute every derived value on every call (the reference the cached path is tested against)."""
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous

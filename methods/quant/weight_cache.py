@@ -14,16 +14,19 @@ reuses, and memory stays at one extra copy of the quantized weights.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 from torch import nn
 
+from methods.quant.version_cache import CacheSwitch
+
 _CACHE_ATTRIBUTE = "_eval_weight_cache"
-_enabled = True
+_switch = CacheSwitch()
+#: Evaluate without the cache (the reference the cached path is tested against).
+weight_cache_disabled = _switch.off
 
 LayerT = TypeVar("LayerT", bound=nn.Module)
 
@@ -39,7 +42,7 @@ def cached_in_eval(method: Callable[[LayerT], torch.Tensor]) -> Callable[[LayerT
 
     @functools.wraps(method)
     def wrapper(self: LayerT) -> torch.Tensor:
-        if not _enabled or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not _switch.enabled or self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return method(self)
         cache = self.__dict__.setdefault(_CACHE_ATTRIBUTE, {})
         key = _key(self)
@@ -51,17 +54,6 @@ def cached_in_eval(method: Callable[[LayerT], torch.Tensor]) -> Callable[[LayerT
         return value
 
     return wrapper
-
-
-@contextlib.contextmanager
-def weight_cache_disabled() -> Iterator[None]:
-    """Evaluate without the cache (the reference the cached path is tested against)."""
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous
 
 
 def clear_weight_caches(model: nn.Module) -> None:
