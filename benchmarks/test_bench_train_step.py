@@ -3,7 +3,8 @@
 The figure of merit is ``method step / (k x full-precision step)``, k = number of bit-widths run per step
 (goals: 1.15 for anyprecision, dedicated and emq, 1.3 for adabits, 2.7 for mbquant, whose seven 2-bit branches
 are 7/3 of the work by design); each method's ratio goes to ``extra_info`` (the full-precision step is
-re-timed in the same test, so the ratio does not depend on test order).
+re-timed before and after the method in the same test, the faster median kept, so the ratio does not depend on
+test order).
 
 ``test_method_step_compiled`` is the same step with both networks compiled as ``--compile`` compiles them
 (``Runtime.prepare_model``: fresh dynamo caches per network), its ratio taken against a compiled full-precision
@@ -76,14 +77,18 @@ def _benchmark_method_step(benchmark, name: str, size: str, compiled: bool) -> N
         start = time.perf_counter()
         step()  # compiles one graph per bit-width
         benchmark.extra_info["first_step_s"] = round(time.perf_counter() - start, 2)
+    # the full-precision step is timed before and after the method's and the faster median kept: on a shared or
+    # throttling machine one short timing moved the ratio by up to 20 %, and the faster reference errs on the
+    # side of a higher (worse) ratio
+    fp_before = full_precision_step_seconds(data, compiled=compiled)
     benchmark(step)
-    fp_seconds = full_precision_step_seconds(data, compiled=compiled)
+    fp_seconds = min(fp_before, full_precision_step_seconds(data, compiled=compiled))
     benchmark.extra_info["bit_widths_per_step"] = len(BITS)
     benchmark.extra_info["full_precision_step_s"] = round(fp_seconds, 5)
     benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds), 3)
 
 
-def full_precision_step_seconds(data: Batch, repeats: int = 5, compiled: bool = False) -> float:
+def full_precision_step_seconds(data: Batch, repeats: int = 9, compiled: bool = False) -> float:
     """Median seconds of one full-precision ResNet-20 step on ``data`` (after one warm-up step, which compiles)."""
     model = create_model("resnet20", num_classes=10, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)
     model = Runtime(torch.device("cpu"), compile=compiled).prepare_model(model)
