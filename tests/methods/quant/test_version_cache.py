@@ -5,6 +5,7 @@ import contextlib
 import copy
 import gc
 import weakref
+from functools import partial
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from torch import nn
 
 from harness import distributed
 from harness.optim import step_optimizers
+from harness.registry import get_method, list_methods
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.dorefa import dorefa_weight
+from methods.quant.sat import sat_weight
 from methods.quant.statsq import statsq_weight
 from methods.quant.version_cache import cached_entries, derived, version_cache_disabled
 
@@ -132,7 +135,8 @@ def test_broadcast_model_bumps_versions_so_cached_values_are_recomputed(monkeypa
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit patterns: signed zeros and NaNs count, unlike ``torch.equal``."""
-    return a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+    as_int = {torch.float32: torch.int32, torch.float64: torch.int64}[a.dtype]
+    return a.dtype == b.dtype and torch.equal(a.view(as_int), b.view(as_int))
 
 
 def multi_bit_step(quantizer, weight: torch.Tensor, bits_list, upstream) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -150,6 +154,8 @@ QUANTIZERS = {
     "dorefa+bias_correction": BiasCorrectedQuantizer(dorefa_weight),
     "dorefa+bias_correction per channel": BiasCorrectedQuantizer(dorefa_weight, "per_channel"),
     "statsq+bias_correction": BiasCorrectedQuantizer(statsq_weight),
+    "sat": sat_weight,
+    "sat centered": partial(sat_weight, scheme="centered"),
 }
 
 
@@ -185,9 +191,10 @@ def test_cached_quantizers_equal_the_uncached_ones_bit_for_bit_over_steps(name, 
         assert same_bits(cached_grad, plain_grad)
 
 
+@pytest.mark.parametrize("quantizer", [dorefa_weight, sat_weight], ids=["dorefa", "sat"])
 @pytest.mark.parametrize("upstream_kind", ["negative zeros", "one infinite element"])
 @pytest.mark.parametrize("bits", [2, 32])
-def test_cached_dorefa_gradient_keeps_signed_zeros_and_non_finite_values_where_they_were(upstream_kind, bits):
+def test_cached_gradient_keeps_signed_zeros_and_non_finite_values_where_they_were(upstream_kind, bits, quantizer):
     initial = torch.randn(16, 8, 3, 3) * 0.2
     if upstream_kind == "negative zeros":
         upstream = torch.full_like(initial, -0.0)
@@ -198,7 +205,7 @@ def test_cached_dorefa_gradient_keeps_signed_zeros_and_non_finite_values_where_t
     for cached in (True, False):
         weight = nn.Parameter(initial.clone())
         with contextlib.nullcontext() if cached else version_cache_disabled():
-            dorefa_weight(weight, bits).backward(upstream)
+            quantizer(weight, bits).backward(upstream)
         grads.append(weight.grad)
     assert same_bits(*grads)
     if upstream_kind == "one infinite element":
@@ -233,3 +240,30 @@ def test_bias_correction_keys_its_reference_by_quantizer_and_granularity():
         assert same_bits(second, per_channel(weight, 2).detach())
     keys = [key for key in cached_entries(weight) if isinstance(key, tuple)]
     assert len(keys) == 2
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_trains_bit_for_bit_the_same_with_the_cache_on_and_off(name):
+    from harness.data import DatasetInfo
+    from harness.method import Batch, RunContext
+
+    bits = (2, 4, 8)
+    info = DatasetInfo("cache", 10, 1, 8, (0.5,), (0.25,), "none")
+    torch.manual_seed(0)
+    method = get_method(name)()
+    initial = method.build("resnet8", 10, bits, info, 0.5)
+    initial.train()
+    batches = [Batch(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16)) for _ in range(2)]
+    ctx = RunContext(bits=bits, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
+    runs = []
+    for cached in (True, False):
+        model = copy.deepcopy(initial)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        with contextlib.nullcontext() if cached else version_cache_disabled():
+            for batch in batches:  # the second step runs on the first step's update
+                optimizer.zero_grad()
+                method.train_step(model, batch, ctx)
+                step_optimizers([optimizer])
+        runs.append({key: value.detach().clone() for key, value in model.state_dict().items()})
+    for key, value in runs[0].items():
+        assert same_bits(value, runs[1][key]) if value.is_floating_point() else torch.equal(value, runs[1][key]), key
