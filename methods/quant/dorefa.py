@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.quant.ste import quantize_unit
-from methods.quant.version_cache import caching, derived
+from methods.quant.version_cache import TermsNode, WeightTerms, quantize_with_terms
 
 FULL_PRECISION = 32
 
@@ -75,90 +75,69 @@ class _DoReFaWeight(torch.autograd.Function):
             grad_unit = grad_output * scale * 2
             grad_normalized = grad_unit / denominator
             grad_max = (-grad_unit * ((normalized / denominator) / denominator)).sum() * 2
-        at_max = normalized.abs() == max_abs
-        # where, not masked_fill_ with a tensor value, which reads the value back to the host (a sync on CUDA)
-        shared = torch.where(at_max, grad_max / at_max.sum(), 0.0)
-        grad_normalized = grad_normalized + shared * normalized.sgn()
-        return torch.ops.aten.tanh_backward(grad_normalized, normalized), None  # autograd's own tanh kernel
+        return tanh_max_backward(grad_normalized, grad_max, normalized, *max_ties(normalized, max_abs)), None
 
 
-class _WeightTerms:
+def max_ties(normalized: torch.Tensor, max_abs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``|t|`` is ``max|t|``, and how many elements are: the elements ``torch.max``'s gradient is shared by."""
+    at_max = normalized.abs() == max_abs
+    return at_max, at_max.sum()
+
+
+def tanh_max_backward(grad_normalized: torch.Tensor, grad_max: torch.Tensor, normalized: torch.Tensor,
+                      at_max: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
+    """The gradient at ``w`` of ``t = tanh(w)`` from the gradient reaching ``t`` directly and the one reaching
+    ``max|t|``: autograd's own formulas (the max's gradient shared among ties as ``torch.max`` shares it, ``|t|``,
+    tanh), operation for operation."""
+    # where, not masked_fill_ with a tensor value, which reads the value back to the host (a sync on CUDA)
+    shared = torch.where(at_max, grad_max / ties, 0.0)
+    grad_normalized = grad_normalized + shared * normalized.sgn()
+    return torch.ops.aten.tanh_backward(grad_normalized, normalized)  # autograd's own tanh kernel
+
+
+class _DoReFaTerms(WeightTerms):
     """The bit-width-independent terms of Eq. 9 for one version of a latent weight: ``E``, ``t``, ``max|t|``, and,
     when first needed, ``u``, the elements at the max and the backward pass's ``(t / D) / D`` factors (about
     3.3 weight-sized float32 tensors in all, held until the weight changes or goes)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
         with torch.no_grad():
             self.scale = weight.abs().mean()
             self.normalized = torch.tanh(weight)
             self.max_abs = self.normalized.abs().max()
-        self._lazy: dict[str, torch.Tensor] = {}
-
-    def _get(self, name: str, compute) -> torch.Tensor:
-        if name not in self._lazy:
-            self._lazy[name] = compute()
-        return self._lazy[name]
-
-    def unit(self) -> torch.Tensor:
-        return self._get("unit", lambda: self.normalized / (2 * self.max_abs) + 0.5)
 
     def quantized(self, bits: int) -> torch.Tensor:
         """Eq. 9's forward pass, the composition's float operations in its order (bit for bit)."""
         if bits >= FULL_PRECISION:
             return (self.scale * self.normalized).div_(self.max_abs)
         levels = 2**bits - 1
-        return (self.unit() * levels).round_().div_(levels).mul_(2).sub_(1).mul_(self.scale)
+        unit = self.lazy("unit", lambda: self.normalized / (2 * self.max_abs) + 0.5)
+        return (unit * levels).round_().div_(levels).mul_(2).sub_(1).mul_(self.scale)
 
-    def ties(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where ``|t|`` is the max, and how many elements are."""
-        def compute() -> tuple[torch.Tensor, torch.Tensor]:
-            at_max = self.normalized.abs() == self.max_abs
-            return at_max, at_max.sum()
-        return self._get("ties", compute)
-
-    def max_factor(self, full_precision: bool) -> torch.Tensor:
-        """The division's ``(numerator / D) / D``: ``t`` over ``D = 2M`` below 32 bits, ``E t`` over ``M`` at 32."""
-        if full_precision:
-            return self._get("max_factor_32", lambda: ((self.scale * self.normalized) / self.max_abs) / self.max_abs)
-        return self._get("max_factor", lambda: (self.normalized / (2 * self.max_abs)) / (2 * self.max_abs))
-
-    def backward(self, grad_output: torch.Tensor, full_precision: bool) -> torch.Tensor:
+    def backward(self, grad_output: torch.Tensor, bits: int) -> torch.Tensor:
         """:class:`_DoReFaWeight`'s backward pass with the terms above read from the cache: the same operations on
         the same values, so the same bits (signed zeros and non-finite values included)."""
-        factor = self.max_factor(full_precision)
-        if full_precision:  # scale * t / M
-            grad_normalized = (grad_output / self.max_abs).mul_(self.scale)
+        t, scale, max_abs = self.normalized, self.scale, self.max_abs
+        if bits >= FULL_PRECISION:  # scale * t / M
+            factor = self.lazy("max_factor_32", lambda: ((scale * t) / max_abs) / max_abs)
+            grad_normalized = (grad_output / max_abs).mul_(scale)
             grad_max = torch.neg(grad_output).mul_(factor).sum()
         else:  # E * (2 * (t / D + 0.5) - 1) with D = 2M
-            grad_unit = (grad_output * self.scale).mul_(2)
-            grad_normalized = grad_unit / (2 * self.max_abs)
+            factor = self.lazy("max_factor", lambda: (t / (2 * max_abs)) / (2 * max_abs))
+            grad_unit = (grad_output * scale).mul_(2)
+            grad_normalized = grad_unit / (2 * max_abs)
             grad_max = grad_unit.neg_().mul_(factor).sum() * 2
-        at_max, ties = self.ties()
-        shared = torch.where(at_max, grad_max / ties, 0.0)
-        grad_normalized = grad_normalized + shared.mul_(self.normalized.sgn())  # out of place: the old layout
-        return torch.ops.aten.tanh_backward(grad_normalized, self.normalized)
+        return tanh_max_backward(grad_normalized, grad_max, t, *self.lazy("ties", lambda: max_ties(t, max_abs)))
 
 
-class _CachedDoReFaWeight(torch.autograd.Function):
-    """:class:`_DoReFaWeight` with its bit-width-independent terms from :class:`_WeightTerms`: the same float
-    operations on the same values, forward and backward, bit for bit."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, bits: int, terms: _WeightTerms) -> torch.Tensor:
-        ctx.terms, ctx.full_precision = terms, bits >= FULL_PRECISION
-        return terms.quantized(bits)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        return ctx.terms.backward(grad_output, ctx.full_precision), None, None
+class _CachedDoReFaWeight(TermsNode):
+    """:class:`_DoReFaWeight` from :class:`_DoReFaTerms`, bit for bit."""
 
 
 def dorefa_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize a latent weight tensor to ``bits`` (1..31) or return its 32-bit normalized form."""
-    if not caching(weight):
-        return _DoReFaWeight.apply(weight, bits)
-    terms = derived(weight, "dorefa_weight", lambda: _WeightTerms(weight))
-    return _CachedDoReFaWeight.apply(weight, bits, terms)
+    return quantize_with_terms(weight, "dorefa_weight", _DoReFaTerms, _CachedDoReFaWeight, _DoReFaWeight.apply, bits)
 
 
 def dorefa_weight_reference(weight: torch.Tensor, bits: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ SHARED_KEY = "shared"
 
 def _clip(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """``min(relu(x), a)`` in one pass: ``clamp(x, 0, a)`` takes the same values (NaN included)."""
-    return torch.clamp(x, torch.zeros((), dtype=x.dtype, device=x.device), clip)
+    return torch.clamp(x, 0.0, clip)
 
 
 class _PACTQuantize(torch.autograd.Function):

@@ -57,10 +57,10 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.export import Codes, assign_tensors, take_prefixed, with_prefix
-from methods.quant.dorefa import FULL_PRECISION
+from methods.quant.dorefa import FULL_PRECISION, max_ties, tanh_max_backward
 from methods.quant.modules import FLOAT_BITS, BitSwitchable, QuantizedSite, copy_weight_and_bias
 from methods.quant.pact import SwitchablePACT
-from methods.quant.version_cache import caching, derived
+from methods.quant.version_cache import TermsNode, WeightTerms, quantize_with_terms
 from methods.quant.weight_cache import cached_in_eval
 
 WeightBitsRule = Literal["same", "highest", "max8"]
@@ -96,68 +96,52 @@ def nested_quantize_unit(unit: torch.Tensor, bits: int, scheme: str = "original"
     return code / steps
 
 
-class _SATTerms:
+class _SATTerms(WeightTerms):
     """The bit-width-independent terms of the SAT weight for one version of a latent weight: ``s = tanh(w)``,
     ``M = max|s|``, ``w~ = s / M`` and, when first needed, ``u = (w~ + 1) / 2``, the elements at the max and the
     division's ``(s / M) / M``."""
 
     def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
         with torch.no_grad():
             self.squashed = torch.tanh(weight)
             self.max_abs = self.squashed.abs().max()
             self.normalized = self.squashed / self.max_abs
-        self._lazy: dict[str, object] = {}
-
-    def _get(self, name: str, compute):
-        if name not in self._lazy:
-            self._lazy[name] = compute()
-        return self._lazy[name]
 
     def quantized(self, bits: int, scheme: str) -> torch.Tensor:
         """:func:`sat_quantize_normalized` of ``w~``, the same float operations (bit for bit)."""
         if bits >= FULL_PRECISION:
             return self.normalized.clone()
         steps = 2**bits
-        unit = self._get("unit", lambda: (self.normalized + 1) / 2)
+        unit = self.lazy("unit", lambda: (self.normalized + 1) / 2)
         # floor, clamp: the code the straight-through sum reproduces exactly (nested_quantize_unit)
         code = (unit * steps).floor_().clamp_(max=steps - 1)
         if scheme == "centered":
             code.add_(0.5)
         return code.div_(steps).mul_(2).sub_(1)
 
-    def backward(self, grad_output: torch.Tensor, bits: int) -> torch.Tensor:
+    def backward(self, grad_output: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
         """Autograd's backward pass through the composition (``2 q - 1``, ``/ 2^b``, the straight-through code,
         ``* 2^b``, ``(w~ + 1) / 2``, ``s / M``, the max, ``|s|``, tanh), operation for operation, with the
-        bit-width-independent factors read from the cache."""
+        bit-width-independent factors read from the cache (the scheme's half step is a constant: no gradient)."""
+        s, max_abs = self.squashed, self.max_abs
         grad_normalized = grad_output
         if bits < FULL_PRECISION:
             steps = 2**bits
             grad_normalized = (((grad_output * 2) / steps) * steps) / 2
-        at_max, ties = self._get("ties", self._ties)
-        factor = self._get("max_factor", lambda: (self.squashed / self.max_abs) / self.max_abs)
-        grad_squashed = grad_normalized / self.max_abs
+        factor = self.lazy("max_factor", lambda: (s / max_abs) / max_abs)
         grad_max = (-grad_normalized * factor).sum()
-        shared = torch.where(at_max, grad_max / ties, 0.0)
-        grad_squashed = grad_squashed + shared * self.squashed.sgn()
-        return torch.ops.aten.tanh_backward(grad_squashed, self.squashed)
-
-    def _ties(self) -> tuple[torch.Tensor, torch.Tensor]:
-        at_max = self.squashed.abs() == self.max_abs
-        return at_max, at_max.sum()
+        ties = self.lazy("ties", lambda: max_ties(s, max_abs))
+        return tanh_max_backward(grad_normalized / max_abs, grad_max, s, *ties)
 
 
-class _CachedSATWeight(torch.autograd.Function):
-    """The SAT weight from cached :class:`_SATTerms`: one autograd node per bit-width instead of about fifteen,
-    with the composition's forward values and gradients bit for bit."""
+class _CachedSATWeight(TermsNode):
+    """The SAT weight from :class:`_SATTerms`: one autograd node per bit-width instead of about fifteen, with the
+    composition's forward values and gradients bit for bit."""
 
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, bits: int, scheme: str, terms: _SATTerms) -> torch.Tensor:
-        ctx.terms, ctx.bits = terms, bits
-        return terms.quantized(bits, scheme)
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        return ctx.terms.backward(grad_output, ctx.bits), None, None, None
+def _composed_sat_weight(weight: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
+    return sat_quantize_normalized(sat_normalize(weight), bits, scheme)
 
 
 def sat_weight(weight: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:
@@ -168,10 +152,7 @@ def sat_weight(weight: torch.Tensor, bits: int, scheme: str = "original") -> tor
     (:mod:`methods.quant.version_cache`) and shared by every bit-width of a training step; under ``torch.compile``
     and with the cache off the composed formula runs, which gives the same bits."""
     check_weight_scheme(scheme)
-    if not caching(weight):
-        return sat_quantize_normalized(sat_normalize(weight), bits, scheme)
-    terms = derived(weight, "sat_weight", lambda: _SATTerms(weight))
-    return _CachedSATWeight.apply(weight, bits, scheme, terms)
+    return quantize_with_terms(weight, "sat_weight", _SATTerms, _CachedSATWeight, _composed_sat_weight, bits, scheme)
 
 
 def sat_quantize_normalized(normalized: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:

@@ -11,6 +11,9 @@ call recomputes. Two writes leave the version alone: a fused optimizer kernel, a
 (:func:`harness.optim.step_optimizers`) and after broadcasting weights (:func:`harness.distributed.broadcast_model`).
 Assigning ``tensor.data = other`` changes the storage, which is a miss.
 
+A quantizer whose backward pass also reads the cached terms subclasses :class:`WeightTerms` and calls
+:func:`quantize_with_terms`, which runs one :class:`TermsNode` per call over them.
+
 Entries live in a weak-keyed table: they go when their tensor goes, and are never part of a module's state, a
 checkpoint or a deep copy. ``torch.compile`` tracing, inference mode and inference tensors, and ``torch.func``'s
 wrapped tensors bypass the cache.
@@ -75,6 +78,10 @@ def derived(tensor: torch.Tensor, name: Hashable, compute: Callable[[], T]) -> T
     quantizer and its options) on this version of ``tensor``."""
     if not caching(tensor):
         return compute()
+    return _stored(tensor, name, compute)
+
+
+def _stored(tensor: torch.Tensor, name: Hashable, compute: Callable[[], T]) -> T:
     key = _version_key(tensor)
     slot = _entries.get(tensor)
     if slot is None or slot[0] != key:
@@ -85,6 +92,54 @@ def derived(tensor: torch.Tensor, name: Hashable, compute: Callable[[], T]) -> T
     if name not in values:
         values[name] = compute()
     return values[name]
+
+
+class WeightTerms:
+    """The bit-width-independent terms of a weight quantizer for one version of its latent weight.
+
+    A subclass computes its eager terms in ``__init__(weight)`` and the rest through :meth:`lazy` when first
+    needed; ``quantized(*args)`` is the forward pass and ``backward(grad_output, *args)`` the gradient with respect
+    to the latent weight, ``args`` being the quantizer's other arguments (the bit-width, a scheme).
+    """
+
+    def __init__(self) -> None:
+        self._lazy: dict[str, object] = {}
+
+    def lazy(self, name: str, compute: Callable[[], T]) -> T:
+        if name not in self._lazy:
+            self._lazy[name] = compute()
+        return self._lazy[name]
+
+    def quantized(self, *args) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, grad_output: torch.Tensor, *args) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TermsNode(torch.autograd.Function):
+    """One autograd node per call whose forward and backward read a :class:`WeightTerms`; each quantizer
+    subclasses it under its own name, which is what a profile shows."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, terms: WeightTerms, *args) -> torch.Tensor:
+        ctx.terms, ctx.args = terms, args
+        return terms.quantized(*args)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return (ctx.terms.backward(grad_output, *ctx.args), None, *(None for _ in ctx.args))
+
+
+def quantize_with_terms(weight: torch.Tensor, name: Hashable, terms_class: type[WeightTerms],
+                        node: type[TermsNode], uncached: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """``node`` over ``terms_class(weight)``, built once per version of ``weight`` and kept under ``name``; where
+    the cache is bypassed (:func:`caching`), ``uncached(weight, *args)`` (a self-contained node or the composed
+    formula) instead."""
+    if not caching(weight):
+        return uncached(weight, *args)
+    terms = _stored(weight, name, lambda: terms_class(weight))
+    return node.apply(weight, terms, *args)
 
 
 def cached_entries(tensor: torch.Tensor) -> tuple[Hashable, ...]:
