@@ -17,8 +17,10 @@ otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 WAIT_POLICY = "PASSIVE"
 BUSY_CORES = 0.5  # half a core kept busy by others: one CPU-bound process, not a shell or a logger
@@ -94,3 +96,19 @@ def configure_threads(threads: int | None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block, and the previous count restored after it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous == count:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -88,3 +88,37 @@ def test_a_worker_hands_the_inherited_kept_blocks_back(monkeypatch):
 def test_release_in_worker_does_nothing_where_nothing_was_kept(monkeypatch):
     monkeypatch.setattr(allocator, "_kept", False)
     assert allocator.release_in_worker(0) is False
+
+
+# Minor page faults per decoded-image-sized block (a 500x375 RGB uint8 image, 562,500 bytes) made again and again
+# after release_in_worker(): warm heap pages with the worker's thresholds, every page afresh with a fixed 128 KiB
+# mmap threshold (what a worker got when it put glibc's documented defaults back).
+IMAGE_FAULTS_IN_WORKER = """
+import ctypes, resource, sys, torch
+from harness import allocator
+print(allocator.keep_large_blocks(), allocator.release_in_worker(0))
+if sys.argv[1] == "fixed-default":
+    ctypes.CDLL(None).mallopt(allocator.M_MMAP_THRESHOLD, 128 * 1024)
+for _ in range(8):
+    torch.empty(562_500, dtype=torch.uint8).fill_(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    torch.empty(562_500, dtype=torch.uint8).fill_(1)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8)
+"""
+IMAGE_PAGES = 562_500 // 4096
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or sys.platform != "linux", reason="glibc malloc on Linux")
+def test_a_released_worker_reuses_warm_pages_for_image_sized_blocks(monkeypatch):
+    for name in allocator.ENVIRONMENT_SETTINGS + ("GLIBC_TUNABLES",):
+        monkeypatch.delenv(name, raising=False)
+    faults = {}
+    for mode in ("worker", "fixed-default"):
+        out = subprocess.run([sys.executable, "-c", IMAGE_FAULTS_IN_WORKER, mode], capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[:2] == ["True", "True"]
+        faults[mode] = float(out[2])
+    assert faults["worker"] < IMAGE_PAGES / 10
+    assert faults["fixed-default"] >= IMAGE_PAGES * 0.9
+    assert (allocator.WORKER_MMAP_THRESHOLD, allocator.WORKER_TRIM_THRESHOLD) == (32 << 20, 64 << 20)

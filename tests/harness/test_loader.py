@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import cli
-from harness import allocator, distributed, folder_data
+from harness import allocator, distributed, folder_data, loader
 from harness.config import RunSpec
 from harness.data import load_dataset
 from harness.errors import ConfigError, DataError
+from harness.imageset import unit_range
 from harness.loader import AUGMENT_STREAM, ORDER_STREAM, derived_generator, epoch_batches, eval_batches, sample_seed
 from harness.threads import MAX_LOADER_WORKERS, default_loader_workers
 from tests.fixtures import write_imagefolder, write_tinyimagenet
@@ -62,6 +63,27 @@ def test_each_worker_releases_the_inherited_heap_first(imagenet, monkeypatch, tm
     assert _same(list(epoch_batches(imagenet.train, 4, 0, 1, True, CPU, workers=2)),
                  list(epoch_batches(imagenet.train, 4, 0, 1, True, CPU, workers=0)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w0", "w1"]
+
+
+@pytest.mark.parametrize("workers, threads_while_scaling", [(0, 2), (2, 1)])
+def test_scaling_to_float_runs_on_one_thread_while_workers_share_the_cpus(imagenet, monkeypatch, workers,
+                                                                         threads_while_scaling):
+    seen: list[int] = []
+
+    def recording_unit_range(x: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return unit_range(x)
+
+    monkeypatch.setattr(loader, "unit_range", recording_unit_range)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train = list(epoch_batches(imagenet.train, 4, 0, 1, True, CPU, workers=workers))
+        evals = list(eval_batches(imagenet.test, 5, CPU, workers=workers))
+        assert torch.get_num_threads() == 2  # restored after each batch
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [threads_while_scaling] * (len(train) + len(evals))
 
 
 def test_each_sample_is_its_own_seeded_view(tiny):

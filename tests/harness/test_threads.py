@@ -107,3 +107,19 @@ def test_the_cli_sets_passive_waiting_before_torch_loads():
     out = subprocess.run([sys.executable, "-c", SPY], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.stdout.strip().splitlines()[-1] == "['PASSIVE']"  # the policy was set when torch was first imported
+
+
+@pytest.mark.parametrize("start", [1, 2, 3])
+def test_intra_op_threads_sets_the_count_inside_and_restores_it_after(start):
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(start)
+        with threads.intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == start
+        with pytest.raises(RuntimeError), threads.intra_op_threads(2):
+            assert torch.get_num_threads() == 2
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == start
+    finally:
+        torch.set_num_threads(previous)
