@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from harness import allocator
 
@@ -122,3 +123,48 @@ def test_a_released_worker_reuses_warm_pages_for_image_sized_blocks(monkeypatch)
     assert faults["worker"] < IMAGE_PAGES / 10
     assert faults["fixed-default"] >= IMAGE_PAGES * 0.9
     assert (allocator.WORKER_MMAP_THRESHOLD, allocator.WORKER_TRIM_THRESHOLD) == (32 << 20, 64 << 20)
+
+
+# Minor page faults per batch-sized float32 tensor when, as in a training process that receives batches, a few
+# small allocations land between two batches and the previous batch is dropped only once the next one exists.
+BATCHES_BETWEEN_SMALL_ALLOCATIONS = """
+import collections, resource, sys, torch
+from harness import allocator
+print(allocator.keep_large_blocks())
+shape = (64, 3, 224, 224)
+make = (lambda: torch.empty(shape)) if sys.argv[1] == "torch" else (lambda: allocator.reusable_empty(shape))
+small, previous, faults = collections.deque(maxlen=64), None, []
+for i in range(16):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    batch = make()
+    batch.fill_(1.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    small.append(bytes(2000 + i))  # a received message's worth, from malloc
+    small.append(torch.empty(100))
+    previous = batch
+print(sum(faults[8:]) / 8)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or sys.platform != "linux", reason="glibc malloc on Linux")
+def test_reusable_empty_reuses_the_freed_batch_where_an_aligned_allocation_cannot(monkeypatch):
+    for name in allocator.ENVIRONMENT_SETTINGS + ("GLIBC_TUNABLES",):
+        monkeypatch.delenv(name, raising=False)
+    faults = {}
+    for mode in ("torch", "reusable"):
+        out = subprocess.run([sys.executable, "-c", BATCHES_BETWEEN_SMALL_ALLOCATIONS, mode], capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert out[0] == "True"
+        faults[mode] = float(out[1])
+    assert faults["torch"] >= PAGES * 0.9  # every batch extends the heap and faults in all its pages
+    assert faults["reusable"] < PAGES / 100
+
+
+@pytest.mark.parametrize("shape, dtype", [((64, 3, 7, 7), None), ((5,), torch.uint8), ((3, 2), torch.float64),
+                                          ((0, 3), None)])
+def test_reusable_empty_has_the_shape_dtype_and_alignment_asked_for(shape, dtype):
+    tensor = allocator.reusable_empty(shape, dtype)
+    assert tensor.shape == shape and tensor.dtype == (dtype or torch.float32) and tensor.is_contiguous()
+    assert tensor.data_ptr() % allocator.BATCH_ALIGNMENT == 0
+    tensor.fill_(3)
+    assert torch.equal(tensor, torch.full(shape, 3, dtype=dtype or torch.float32))

@@ -15,7 +15,16 @@ from harness.config import RunSpec
 from harness.data import load_dataset
 from harness.errors import ConfigError, DataError
 from harness.imageset import unit_range
-from harness.loader import AUGMENT_STREAM, ORDER_STREAM, derived_generator, epoch_batches, eval_batches, sample_seed
+from harness.loader import (
+    AUGMENT_STREAM,
+    ORDER_STREAM,
+    BatchKeys,
+    decoded_batches,
+    derived_generator,
+    epoch_batches,
+    eval_batches,
+    sample_seed,
+)
 from harness.threads import MAX_LOADER_WORKERS, default_loader_workers
 from tests.fixtures import write_imagefolder, write_tinyimagenet
 
@@ -69,12 +78,13 @@ def test_each_worker_releases_the_inherited_heap_first(imagenet, monkeypatch, tm
 def test_scaling_to_float_runs_on_one_thread_while_workers_share_the_cpus(imagenet, monkeypatch, workers,
                                                                          threads_while_scaling):
     seen: list[int] = []
+    reusable_empty = allocator.reusable_empty
 
-    def recording_unit_range(x: torch.Tensor) -> torch.Tensor:
+    def recording_empty(shape: tuple[int, ...]) -> torch.Tensor:
         seen.append(torch.get_num_threads())
-        return unit_range(x)
+        return reusable_empty(shape)
 
-    monkeypatch.setattr(loader, "unit_range", recording_unit_range)
+    monkeypatch.setattr(allocator, "reusable_empty", recording_empty)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -84,6 +94,18 @@ def test_scaling_to_float_runs_on_one_thread_while_workers_share_the_cpus(imagen
     finally:
         torch.set_num_threads(previous)
     assert seen == [threads_while_scaling] * (len(train) + len(evals))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_are_unit_range_of_the_decoded_images_in_aligned_memory(imagenet, workers):
+    keys = BatchKeys([(torch.arange(0, 5), 0), (torch.arange(5, 12), 0)], seed=3, epoch=1)
+    decoded = [x.clone() for x in decoded_batches(imagenet.train, keys, workers)]
+    batches = list(epoch_batches(imagenet.train, 5, 3, 1, True, CPU, per_bits=None, workers=workers))
+    direct = [loader._on_device_in_unit_range(x, CPU, workers) for x in decoded]
+    for x, y in zip(decoded, direct):
+        assert y.dtype == torch.float32 and y.data_ptr() % allocator.BATCH_ALIGNMENT == 0
+        assert torch.equal(y.view(torch.int32), unit_range(x).view(torch.int32))
+    assert all(b.x.data_ptr() % allocator.BATCH_ALIGNMENT == 0 for b in batches)
 
 
 def test_each_sample_is_its_own_seeded_view(tiny):
