@@ -93,6 +93,7 @@ class FolderImageSet(ImageSet):
         self.image_size = image_size
         self.resize = resize
         self.augment = augment
+        self.sample_shape = (3, image_size, image_size)  # RGB, cropped to the image size by every view
 
     def load_sample(self, index: int, augment: bool = False, sample_seed: int | None = None) -> torch.Tensor:
         image = read_image(self.paths[index])

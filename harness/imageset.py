@@ -40,6 +40,9 @@ class ImageSet(abc.ABC):
     #: True when images are decoded from files one by one: the epoch loader then feeds ``load_sample`` through a
     #: ``torch.utils.data.DataLoader`` with one augmentation seed per sample, instead of calling ``get_batch``.
     per_sample: bool = False
+    #: ``(C, H, W)`` of every ``load_sample`` image when all have one shape (the loader then gives its workers
+    #: shared-memory slots of that shape to write batches into), else None.
+    sample_shape: tuple[int, int, int] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -131,6 +134,7 @@ class SubsetImageSet(ImageSet):
         self.indices = as_index(indices)
         self.labels = base.labels[self.indices]
         self.per_sample = base.per_sample
+        self.sample_shape = base.sample_shape
 
     def get_batch(
         self, indices: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None

@@ -21,9 +21,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from harness import allocator, distributed
+from harness.batch_ring import BatchRing, RingBatch
 from harness.errors import DataError
 from harness.imageset import ImageSet, unit_range
 from harness.method import Batch
@@ -134,7 +135,8 @@ class DecodeFailure:
 
 
 class SampleDataset(Dataset):
-    """``ImageSet.load_sample`` behind a DataLoader; a key is ``(index, sample_seed)``, seed None for no augment."""
+    """``ImageSet.load_sample`` behind a DataLoader. A key is ``(batch number, index, sample_seed)``, seed None for
+    no augmentation; an item is ``(batch number, image)``, so that the collate function knows its batch."""
 
     def __init__(self, split: ImageSet) -> None:
         self.split = split
@@ -142,10 +144,10 @@ class SampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: tuple[int, int | None]) -> torch.Tensor | DecodeFailure:
-        index, seed = key
+    def __getitem__(self, key: tuple[int, int, int | None]) -> tuple[int, torch.Tensor] | DecodeFailure:
+        number, index, seed = key
         try:
-            return self.split.load_sample(index, seed is not None, seed)
+            return number, self.split.load_sample(index, seed is not None, seed)
         except DataError as exc:
             return DecodeFailure(str(exc))
 
@@ -154,16 +156,37 @@ def _worker_init(worker_id: int) -> None:
     allocator.release_in_worker(worker_id)
 
 
-def _collate(samples: list[torch.Tensor | DecodeFailure]) -> torch.Tensor | DecodeFailure:
-    failure = next((s for s in samples if isinstance(s, DecodeFailure)), None)
+def _first_failure(samples: list) -> DecodeFailure | None:
+    return next((s for s in samples if isinstance(s, DecodeFailure)), None)
+
+
+def _collate(samples: list[tuple[int, torch.Tensor] | DecodeFailure]) -> torch.Tensor | DecodeFailure:
+    """A batch decoded in this process (no workers): stacked into ordinary memory."""
+    failure = _first_failure(samples)
     if failure is not None:
         return failure
-    # default_collate stacks straight into shared memory inside a worker, which saves the batch a second copy
-    return default_collate(samples) if samples else torch.empty(0, dtype=torch.uint8)
+    return torch.stack([image for _, image in samples]) if samples else torch.empty(0, dtype=torch.uint8)
+
+
+class RingCollate:
+    """A worker's collate function: the batch goes into its :class:`~harness.batch_ring.BatchRing` slot, and only
+    its number and size travel back."""
+
+    def __init__(self, ring: BatchRing) -> None:
+        self.ring = ring
+
+    def __call__(self, samples: list[tuple[int, torch.Tensor] | DecodeFailure]) -> RingBatch | DecodeFailure:
+        failure = _first_failure(samples)
+        if failure is not None:
+            return failure
+        if not samples:  # an empty share: nothing to write, and the reader knows the number itself
+            return RingBatch(-1, 0)
+        return self.ring.write(samples[0][0], [image for _, image in samples])
 
 
 class BatchKeys:
-    """The DataLoader's batch sampler: per batch, its ``(index, sample_seed)`` keys, made as the loader asks.
+    """The DataLoader's batch sampler: per batch, its ``(batch number, index, sample_seed)`` keys, made as the
+    loader asks.
 
     ``plan``: one ``(indices, stream)`` per batch, ``stream`` None for no augmentation. Lazy, so an ImageNet epoch
     does not hold a million keys at once.
@@ -176,31 +199,58 @@ class BatchKeys:
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
-        for indices, stream in self.plan:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int | None]]]:
+        for number, (indices, stream) in enumerate(self.plan):
             base = self.bases.get(stream) if stream is not None else None
-            yield [(i, None if base is None else _seed_of(base, i)) for i in indices.tolist()]
+            yield [(number, i, None if base is None else _seed_of(base, i)) for i in indices.tolist()]
+
+
+def _ring_for(dataset: ImageSet, keys: BatchKeys, workers: int) -> BatchRing | None:
+    if not workers or dataset.sample_shape is None:
+        return None
+    capacity = max(len(indices) for indices, _ in keys.plan)
+    return BatchRing(workers * PREFETCH_FACTOR + 1, max(1, capacity), dataset.sample_shape)
 
 
 def decoded_batches(dataset: ImageSet, keys: BatchKeys, workers: int = 0,
                     pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """uint8 ``(B, C, H, W)`` images of each batch of ``keys``, in order, decoded by ``workers`` processes."""
+    """uint8 ``(B, C, H, W)`` images of each batch of ``keys``, in order, decoded by ``workers`` processes.
+
+    With workers, a batch is a view of a shared-memory slot (:mod:`harness.batch_ring`) that stays valid until the
+    next batch is requested: take what you need from it (a copy, a conversion) before asking for the next one.
+    With ``pin_memory`` the batch is copied into pinned memory here, the copy a DataLoader's pinning thread makes.
+    """
     if not len(keys):
         return
     workers = min(workers, len(keys))  # a short eval split need not start eight processes
+    ring = _ring_for(dataset, keys, workers)
+    collate = RingCollate(ring) if ring is not None else _collate
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which the
     # training process's methods may use (no augmentation uses the workers' RNG: every draw is seeded per sample).
-    loader = DataLoader(SampleDataset(dataset), batch_sampler=keys, num_workers=workers, collate_fn=_collate,
-                        pin_memory=pin_memory, prefetch_factor=PREFETCH_FACTOR if workers else None,
+    loader = DataLoader(SampleDataset(dataset), batch_sampler=keys, num_workers=workers, collate_fn=collate,
+                        pin_memory=pin_memory and ring is None, prefetch_factor=PREFETCH_FACTOR if workers else None,
                         worker_init_fn=_worker_init, generator=torch.Generator())
     empty: torch.Tensor | None = None
-    for images in loader:
-        if isinstance(images, DecodeFailure):
-            raise DataError(images.message)
-        if images.ndim == 1:  # an empty share (more ranks than samples in a batch): keep the image shape
-            empty = empty if empty is not None else dataset.get_batch(torch.empty(0, dtype=torch.long))
-            images = empty.to(torch.uint8)
-        yield images
+    try:
+        for number, item in enumerate(loader):
+            if isinstance(item, DecodeFailure):
+                raise DataError(item.message)
+            images = item
+            if isinstance(item, RingBatch):
+                if item.number not in (number, -1):
+                    raise RuntimeError(f"the loader returned batch {item.number} where batch {number} was due")
+                images = ring.read(item) if item.count else torch.empty(0, dtype=torch.uint8)
+                if pin_memory and images.numel():
+                    images = images.pin_memory()
+            if images.ndim == 1:  # an empty share (more ranks than samples in a batch): keep the image shape
+                empty = empty if empty is not None else dataset.get_batch(torch.empty(0, dtype=torch.long))
+                images = empty.to(torch.uint8)
+            yield images
+            if ring is not None:
+                ring.release()
+    finally:
+        if ring is not None:
+            ring.close()
 
 
 def _sample_stream_batches(dataset: ImageSet, streams: list[tuple[torch.Tensor, int]], batch_size: int, seed: int,

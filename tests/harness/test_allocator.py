@@ -120,44 +120,43 @@ def test_a_released_worker_reuses_warm_pages_for_image_sized_blocks(monkeypatch)
                              check=True).stdout.split()
         assert out[:2] == ["True", "True"]
         faults[mode] = float(out[2])
-    assert faults["worker"] < IMAGE_PAGES / 10
+    assert faults["worker"] < IMAGE_PAGES / 4  # 0 in most runs; at most one block in 8 afresh in 10 runs here
     assert faults["fixed-default"] >= IMAGE_PAGES * 0.9
     assert (allocator.WORKER_MMAP_THRESHOLD, allocator.WORKER_TRIM_THRESHOLD) == (32 << 20, 64 << 20)
 
 
-# Minor page faults per batch-sized float32 tensor when, as in a training process that receives batches, a few
-# small allocations land between two batches and the previous batch is dropped only once the next one exists.
+# Minor page faults per batch-sized float32 tensor when, as in a training process that receives batches, small
+# allocations (here 145 of 520-1,096 bytes, beyond pymalloc's limit) land between two batches and the previous
+# batch is dropped only once the next one exists. torch's own aligned allocation faults in all pages of 25-100 % of
+# the batches in most runs (it depends on where the heap's slivers fall; 11 of 12 runs here), so only the reusable
+# allocation's figure is asserted.
 BATCHES_BETWEEN_SMALL_ALLOCATIONS = """
 import collections, resource, sys, torch
 from harness import allocator
 print(allocator.keep_large_blocks())
 shape = (64, 3, 224, 224)
 make = (lambda: torch.empty(shape)) if sys.argv[1] == "torch" else (lambda: allocator.reusable_empty(shape))
-small, previous, faults = collections.deque(maxlen=64), None, []
+small, previous, faults = collections.deque(maxlen=4000), None, []
 for i in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     batch = make()
     batch.fill_(1.0)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    small.append(bytes(2000 + i))  # a received message's worth, from malloc
-    small.append(torch.empty(100))
+    small.extend(bytes(size) for size in range(520, 1100, 4))
     previous = batch
 print(sum(faults[8:]) / 8)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or sys.platform != "linux", reason="glibc malloc on Linux")
-def test_reusable_empty_reuses_the_freed_batch_where_an_aligned_allocation_cannot(monkeypatch):
+def test_reusable_empty_reuses_the_freed_batch_between_small_allocations(monkeypatch):
     for name in allocator.ENVIRONMENT_SETTINGS + ("GLIBC_TUNABLES",):
         monkeypatch.delenv(name, raising=False)
-    faults = {}
-    for mode in ("torch", "reusable"):
-        out = subprocess.run([sys.executable, "-c", BATCHES_BETWEEN_SMALL_ALLOCATIONS, mode], capture_output=True,
-                             text=True, check=True).stdout.split()
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", BATCHES_BETWEEN_SMALL_ALLOCATIONS, "reusable"],
+                             capture_output=True, text=True, check=True).stdout.split()
         assert out[0] == "True"
-        faults[mode] = float(out[1])
-    assert faults["torch"] >= PAGES * 0.9  # every batch extends the heap and faults in all its pages
-    assert faults["reusable"] < PAGES / 100
+        assert float(out[1]) < PAGES / 100
 
 
 @pytest.mark.parametrize("shape, dtype", [((64, 3, 7, 7), None), ((5,), torch.uint8), ((3, 2), torch.float64),
