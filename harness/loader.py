@@ -12,7 +12,9 @@ batch (:func:`harness.distributed.shard`). Two paths produce the images:
   processes (``--workers``; 0: this process), prefetching and, on CUDA, pinned memory, decodes only this rank's
   share of each global batch. Each sample's augmentation is seeded by :func:`sample_seed` (seed, epoch, stream,
   sample index), a pure function, so the batches are bit-identical whatever the number of workers and ranks, and
-  on resume. Workers return uint8 images; the scaling to float32 in [0, 1] happens after the copy to the device.
+  on resume. Workers write uint8 batches into a ring of shared-memory slots (:mod:`harness.batch_ring`); the
+  scaling to float32 in [0, 1] happens after the copy to the device (on the CPU, into memory that the next batch
+  reuses: :func:`harness.allocator.reusable_empty`).
 """
 
 from __future__ import annotations
