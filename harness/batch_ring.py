@@ -16,6 +16,7 @@ batch ``b - workers x prefetch``, by which time the reader has released every ba
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -42,7 +43,11 @@ class BatchRing:
         if slots < 1 or capacity < 1:
             raise ValueError(f"a ring needs at least one slot and a capacity of one sample, got {slots}, {capacity}")
         self.slots = slots
-        self.images = torch.empty((slots, capacity, *sample_shape), dtype=torch.uint8).share_memory_()
+        shape = (slots, capacity, *sample_shape)
+        # a new shared segment whose pages are first touched by the workers that write them (share_memory_() on a
+        # tensor would write every slot here first)
+        storage = torch.UntypedStorage._new_shared(math.prod(shape))
+        self.images = torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
         # [batches released, closed]: only the reader writes them, workers read them
         self.state = torch.zeros(2, dtype=torch.int64).share_memory_()
 

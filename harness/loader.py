@@ -163,7 +163,8 @@ def _first_failure(samples: list) -> DecodeFailure | None:
 
 
 def _collate(samples: list[tuple[int, torch.Tensor] | DecodeFailure]) -> torch.Tensor | DecodeFailure:
-    """A batch decoded in this process (no workers): stacked into ordinary memory."""
+    """A batch stacked into ordinary memory: decoded in this process, or by a worker where no ring is used (the
+    DataLoader then moves it into shared memory itself)."""
     failure = _first_failure(samples)
     if failure is not None:
         return failure
@@ -207,8 +208,10 @@ class BatchKeys:
             yield [(number, i, None if base is None else _seed_of(base, i)) for i in indices.tolist()]
 
 
-def _ring_for(dataset: ImageSet, keys: BatchKeys, workers: int) -> BatchRing | None:
-    if not workers or dataset.sample_shape is None:
+def _ring_for(dataset: ImageSet, keys: BatchKeys, workers: int, pin_memory: bool) -> BatchRing | None:
+    # Not for pinned (CUDA) batches: there the DataLoader's pinning thread copies each batch out of shared memory
+    # beside the training thread, and the ring would move that copy onto it (measured on the CPU only).
+    if not workers or pin_memory or dataset.sample_shape is None:
         return None
     capacity = max(len(indices) for indices, _ in keys.plan)
     return BatchRing(workers * PREFETCH_FACTOR + 1, max(1, capacity), dataset.sample_shape)
@@ -218,23 +221,24 @@ def decoded_batches(dataset: ImageSet, keys: BatchKeys, workers: int = 0,
                     pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """uint8 ``(B, C, H, W)`` images of each batch of ``keys``, in order, decoded by ``workers`` processes.
 
-    With workers, a batch is a view of a shared-memory slot (:mod:`harness.batch_ring`) that stays valid until the
-    next batch is requested: take what you need from it (a copy, a conversion) before asking for the next one.
-    With ``pin_memory`` the batch is copied into pinned memory here, the copy a DataLoader's pinning thread makes.
+    With workers and without ``pin_memory``, a batch is a view of a shared-memory slot (:mod:`harness.batch_ring`)
+    that stays valid until the next batch is requested: take what you need from it (a copy, a conversion) before
+    asking for the next one.
     """
     if not len(keys):
         return
     workers = min(workers, len(keys))  # a short eval split need not start eight processes
-    ring = _ring_for(dataset, keys, workers)
+    ring = _ring_for(dataset, keys, workers, pin_memory)
     collate = RingCollate(ring) if ring is not None else _collate
     # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, which the
     # training process's methods may use (no augmentation uses the workers' RNG: every draw is seeded per sample).
     loader = DataLoader(SampleDataset(dataset), batch_sampler=keys, num_workers=workers, collate_fn=collate,
-                        pin_memory=pin_memory and ring is None, prefetch_factor=PREFETCH_FACTOR if workers else None,
+                        pin_memory=pin_memory, prefetch_factor=PREFETCH_FACTOR if workers else None,
                         worker_init_fn=_worker_init, generator=torch.Generator())
+    batches = iter(loader)
     empty: torch.Tensor | None = None
     try:
-        for number, item in enumerate(loader):
+        for number, item in enumerate(batches):
             if isinstance(item, DecodeFailure):
                 raise DataError(item.message)
             images = item
@@ -242,8 +246,6 @@ def decoded_batches(dataset: ImageSet, keys: BatchKeys, workers: int = 0,
                 if item.number not in (number, -1):
                     raise RuntimeError(f"the loader returned batch {item.number} where batch {number} was due")
                 images = ring.read(item) if item.count else torch.empty(0, dtype=torch.uint8)
-                if pin_memory and images.numel():
-                    images = images.pin_memory()
             if images.ndim == 1:  # an empty share (more ranks than samples in a batch): keep the image shape
                 empty = empty if empty is not None else dataset.get_batch(torch.empty(0, dtype=torch.long))
                 images = empty.to(torch.uint8)
@@ -252,7 +254,8 @@ def decoded_batches(dataset: ImageSet, keys: BatchKeys, workers: int = 0,
                 ring.release()
     finally:
         if ring is not None:
-            ring.close()
+            ring.close()  # before the workers are shut down, which waits for each one
+        del batches
 
 
 def _sample_stream_batches(dataset: ImageSet, streams: list[tuple[torch.Tensor, int]], batch_size: int, seed: int,

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from harness import loader
 from harness.batch_ring import BatchRing, RingBatch
 from harness.data import load_dataset
 from harness.errors import DataError
@@ -91,10 +92,21 @@ def test_workers_hand_batches_over_in_the_ring_and_equal_in_process_decoding(ima
     assert len(storages) == 1  # every batch came through the one ring's memory
 
 
-def test_leaving_early_closes_the_loader_without_waiting(imagenet):
+def test_leaving_early_releases_workers_that_wait_for_a_slot(imagenet, monkeypatch):
+    # A one-slot ring: the worker given batch 1 waits for batch 0's release, which never comes. Closing the
+    # generator must tell it to stop before the DataLoader joins it (otherwise: a 5 s join timeout, then a kill).
+    monkeypatch.setattr(loader, "_ring_for", lambda dataset, keys, workers, pin: BatchRing(1, 1, dataset.sample_shape))
     plan = [(torch.arange(i, i + 1), None) for i in range(12)]
-    start = time.perf_counter()
     batches = decoded_batches(imagenet.train, BatchKeys(plan), workers=2)
     first = next(batches)
+    time.sleep(0.5)  # batch 1's worker is waiting by now
+    start = time.perf_counter()
     batches.close()
-    assert first.shape[0] == 1 and time.perf_counter() - start < 10
+    assert first.shape == (1, *imagenet.train.sample_shape) and time.perf_counter() - start < 2.5
+
+
+def test_pinned_batches_keep_the_data_loader_s_own_path(imagenet):
+    keys = BatchKeys([(torch.arange(0, 4), None)])
+    assert loader._ring_for(imagenet.train, keys, 2, pin_memory=False) is not None
+    assert loader._ring_for(imagenet.train, keys, 2, pin_memory=True) is None
+    assert loader._ring_for(imagenet.train, keys, 0, pin_memory=False) is None
