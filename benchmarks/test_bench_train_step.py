@@ -93,7 +93,9 @@ def _benchmark_method_step(benchmark, name: str, size: str, compiled: bool) -> N
     fp_seconds = min(fp_before, full_precision_step_seconds(data, compiled=compiled))
     benchmark.extra_info["bit_widths_per_step"] = len(BITS)
     benchmark.extra_info["full_precision_step_s"] = round(fp_seconds, 5)
-    benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds), 3)
+    if benchmark.stats:  # None under --benchmark-disable, which runs the step once, untimed
+        benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds),
+                                                            3)
 
 
 def full_precision_step_seconds(data: Batch, repeats: int = 9, compiled: bool = False) -> float:
