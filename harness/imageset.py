@@ -79,12 +79,15 @@ class DataBundle:
     test: ImageSet
 
 
-def unit_range(images: torch.Tensor) -> torch.Tensor:
+def unit_range(images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """float32 images in [0, 1]: uint8 divided by 255 in place on the new float copy (one batch-sized allocation),
-    float images converted to float32 as they are."""
-    if images.dtype == torch.uint8:
-        return images.to(torch.float32).div_(255.0)
-    return images.to(torch.float32)
+    float images converted to float32 as they are. ``out``: a float32 tensor of the images' shape to write into
+    instead of a new one (the same operations, so the same bits)."""
+    if out is None:
+        out = images.to(torch.float32)
+    else:
+        out.copy_(images)
+    return out.div_(255.0) if images.dtype == torch.uint8 else out
 
 
 def as_index(indices: torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -19,11 +19,12 @@ batch (:func:`harness.distributed.shard`). Two paths produce the images:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from harness import allocator, distributed
 from harness.batch_ring import BatchRing, RingBatch
@@ -96,9 +97,8 @@ def _on_device_in_unit_range(x: torch.Tensor, device: torch.device, workers: int
     x = x.to(device, non_blocking=True)
     if x.device.type != "cpu" or x.dtype != torch.uint8:
         return unit_range(x)
-    with intra_op_threads(1 if workers else torch.get_num_threads()):
-        # unit_range's operations (copy to float32, then divide in place), into memory the next batch can reuse
-        return allocator.reusable_empty(tuple(x.shape)).copy_(x).div_(255.0)
+    with intra_op_threads(1) if workers else contextlib.nullcontext():
+        return unit_range(x, out=allocator.reusable_empty(tuple(x.shape)))
 
 
 def _to_batch(dataset: ImageSet, x: torch.Tensor, indices: torch.Tensor, device: torch.device,
@@ -163,12 +163,12 @@ def _first_failure(samples: list) -> DecodeFailure | None:
 
 
 def _collate(samples: list[tuple[int, torch.Tensor] | DecodeFailure]) -> torch.Tensor | DecodeFailure:
-    """A batch stacked into ordinary memory: decoded in this process, or by a worker where no ring is used (the
-    DataLoader then moves it into shared memory itself)."""
+    """A batch decoded in this process, or by a worker where no ring is used."""
     failure = _first_failure(samples)
     if failure is not None:
         return failure
-    return torch.stack([image for _, image in samples]) if samples else torch.empty(0, dtype=torch.uint8)
+    # default_collate stacks straight into shared memory inside a worker, which saves the batch a second copy
+    return default_collate([image for _, image in samples]) if samples else torch.empty(0, dtype=torch.uint8)
 
 
 class RingCollate:
@@ -183,7 +183,7 @@ class RingCollate:
         if failure is not None:
             return failure
         if not samples:  # an empty share: nothing to write, and the reader knows the number itself
-            return RingBatch(-1, 0)
+            return RingBatch(-1, 0)  # read as slot -1's first 0 samples: an empty batch of the right shape
         return self.ring.write(samples[0][0], [image for _, image in samples])
 
 
@@ -245,7 +245,7 @@ def decoded_batches(dataset: ImageSet, keys: BatchKeys, workers: int = 0,
             if isinstance(item, RingBatch):
                 if item.number not in (number, -1):
                     raise RuntimeError(f"the loader returned batch {item.number} where batch {number} was due")
-                images = ring.read(item) if item.count else torch.empty(0, dtype=torch.uint8)
+                images = ring.read(item)  # (0, C, H, W) for an empty share
             if images.ndim == 1:  # an empty share (more ranks than samples in a batch): keep the image shape
                 empty = empty if empty is not None else dataset.get_batch(torch.empty(0, dtype=torch.long))
                 images = empty.to(torch.uint8)
