@@ -36,8 +36,10 @@ import torch.nn.functional as F
 
 from methods.quant.ste import quantize_unit
 from methods.quant.version_cache import TermsNode, WeightTerms, quantize_with_terms
+from methods.quant.weight_batch import batch_weights, take_batched
 
 FULL_PRECISION = 32
+DOREFA_TERMS = "dorefa_weight"  # the version cache's name for the terms below
 
 
 class _DoReFaWeight(torch.autograd.Function):
@@ -98,7 +100,13 @@ def tanh_max_backward(grad_normalized: torch.Tensor, grad_max: torch.Tensor, nor
 class _DoReFaTerms(WeightTerms):
     """The bit-width-independent terms of Eq. 9 for one version of a latent weight: ``E``, ``t``, ``max|t|``, and,
     when first needed, ``u``, the elements at the max and the backward pass's ``(t / D) / D`` factors (about
-    3.3 weight-sized float32 tensors in all, held until the weight changes or goes)."""
+    3.3 weight-sized float32 tensors in all, held until the weight changes or goes).
+
+    The forward and backward passes are written over lists of layers (``quantized_many``, ``backward_many``): a
+    forward pass of the whole network quantizes every layer's weight in one autograd node
+    (:mod:`methods.quant.weight_batch`), where each list operation is one ``torch._foreach_*`` call instead of one
+    Python-level call per layer. A ``_foreach`` operation applies the plain operation to each tensor, so a list of
+    one gives the single-layer path, and every layer gets the same bits either way."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -108,27 +116,61 @@ class _DoReFaTerms(WeightTerms):
             self.max_abs = self.normalized.abs().max()
 
     def quantized(self, bits: int) -> torch.Tensor:
-        """Eq. 9's forward pass, the composition's float operations in its order (bit for bit)."""
-        if bits >= FULL_PRECISION:
-            return (self.scale * self.normalized).div_(self.max_abs)
-        levels = 2**bits - 1
-        unit = self.lazy("unit", lambda: self.normalized / (2 * self.max_abs) + 0.5)
-        return (unit * levels).round_().div_(levels).mul_(2).sub_(1).mul_(self.scale)
+        return self.quantized_many([self], bits)[0]
 
     def backward(self, grad_output: torch.Tensor, bits: int) -> torch.Tensor:
+        return self.backward_many([self], [grad_output], bits)[0]
+
+    def _twice_max(self) -> torch.Tensor:
+        return self.lazy("twice_max", lambda: 2 * self.max_abs)
+
+    @staticmethod
+    def quantized_many(terms: list[_DoReFaTerms], bits: int) -> list[torch.Tensor]:
+        """Eq. 9's forward pass, the composition's float operations in its order (bit for bit)."""
+        scales = [t.scale for t in terms]
+        if bits >= FULL_PRECISION:  # (E * t) / M
+            out = torch._foreach_mul([t.normalized for t in terms], scales)
+            torch._foreach_div_(out, [t.max_abs for t in terms])
+            return out
+        levels = 2**bits - 1
+        units = [t.lazy("unit", lambda t=t: t.normalized / t._twice_max() + 0.5) for t in terms]
+        out = torch._foreach_mul(units, levels)  # round(u L) / L, then E (2 q - 1)
+        torch._foreach_round_(out)
+        torch._foreach_div_(out, levels)
+        torch._foreach_mul_(out, 2)
+        torch._foreach_sub_(out, 1)
+        torch._foreach_mul_(out, scales)
+        return out
+
+    @staticmethod
+    def backward_many(terms: list[_DoReFaTerms], grads: list[torch.Tensor], bits: int) -> list[torch.Tensor]:
         """:class:`_DoReFaWeight`'s backward pass with the terms above read from the cache: the same operations on
         the same values, so the same bits (signed zeros and non-finite values included)."""
-        t, scale, max_abs = self.normalized, self.scale, self.max_abs
-        if bits >= FULL_PRECISION:  # scale * t / M
-            factor = self.lazy("max_factor_32", lambda: ((scale * t) / max_abs) / max_abs)
-            grad_normalized = (grad_output / max_abs).mul_(scale)
-            grad_max = torch.neg(grad_output).mul_(factor).sum()
+        scales, max_abs = [t.scale for t in terms], [t.max_abs for t in terms]
+        if bits >= FULL_PRECISION:  # E * t / M
+            factors = [t.lazy("max_factor_32", lambda t=t: ((t.scale * t.normalized) / t.max_abs) / t.max_abs)
+                       for t in terms]
+            grad_normalized = torch._foreach_div(grads, max_abs)
+            torch._foreach_mul_(grad_normalized, scales)
+            to_max = torch._foreach_neg(grads)
+            torch._foreach_mul_(to_max, factors)
+            grad_max = [part.sum() for part in to_max]
         else:  # E * (2 * (t / D + 0.5) - 1) with D = 2M
-            factor = self.lazy("max_factor", lambda: (t / (2 * max_abs)) / (2 * max_abs))
-            grad_unit = (grad_output * scale).mul_(2)
-            grad_normalized = grad_unit / (2 * max_abs)
-            grad_max = grad_unit.neg_().mul_(factor).sum() * 2
-        return tanh_max_backward(grad_normalized, grad_max, t, *self.lazy("ties", lambda: max_ties(t, max_abs)))
+            factors = [t.lazy("max_factor", lambda t=t: (t.normalized / t._twice_max()) / t._twice_max())
+                       for t in terms]
+            grad_unit = torch._foreach_mul(grads, scales)
+            torch._foreach_mul_(grad_unit, 2)
+            grad_normalized = torch._foreach_div(grad_unit, [t._twice_max() for t in terms])
+            torch._foreach_neg_(grad_unit)
+            torch._foreach_mul_(grad_unit, factors)
+            grad_max = torch._foreach_mul([part.sum() for part in grad_unit], 2)
+        ties = [t.lazy("ties", lambda t=t: max_ties(t.normalized, t.max_abs)) for t in terms]
+        # tanh_max_backward over the list: the max's gradient shared among ties, |t|'s sign, then tanh's kernel
+        per_tie = torch._foreach_div(grad_max, [count for _, count in ties])
+        shared = [torch.where(at_max, value, 0.0) for (at_max, _), value in zip(ties, per_tie)]
+        to_normalized = torch._foreach_mul(shared, [t.lazy("sign", lambda t=t: t.normalized.sgn()) for t in terms])
+        grad_normalized = torch._foreach_add(grad_normalized, to_normalized)
+        return [torch.ops.aten.tanh_backward(grad, t.normalized) for grad, t in zip(grad_normalized, terms)]
 
 
 class _CachedDoReFaWeight(TermsNode):
@@ -137,7 +179,23 @@ class _CachedDoReFaWeight(TermsNode):
 
 def dorefa_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize a latent weight tensor to ``bits`` (1..31) or return its 32-bit normalized form."""
-    return quantize_with_terms(weight, "dorefa_weight", _DoReFaTerms, _CachedDoReFaWeight, _DoReFaWeight.apply, bits)
+    batched = take_batched(weight, DOREFA_TERMS, bits)
+    if batched is not None:  # computed with the network's other layers (methods.quant.weight_batch)
+        return batched
+    return quantize_with_terms(weight, DOREFA_TERMS, _DoReFaTerms, _CachedDoReFaWeight, _DoReFaWeight.apply, bits)
+
+
+def uses_dorefa_weight(layer: torch.nn.Module) -> bool:
+    """Whether ``layer``'s weight quantizer is :func:`dorefa_weight`, alone or under a wrapper that calls it (EMQ's
+    bias correction): the layers :func:`batch_dorefa_weights` quantizes together."""
+    quantizer = getattr(layer, "weight_quantizer", None)
+    return quantizer is dorefa_weight or getattr(quantizer, "quantizer", None) is dorefa_weight
+
+
+def batch_dorefa_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Quantize all of ``model``'s DoReFa weights of a training forward pass in one node
+    (:mod:`methods.quant.weight_batch`); same bits as one node per layer."""
+    return batch_weights(model, uses_dorefa_weight, DOREFA_TERMS, _DoReFaTerms)
 
 
 def dorefa_weight_reference(weight: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""Every layer's quantized weight for one training forward pass from one autograd node.
+
+A quantized layer calls its weight quantizer when it runs, and a small network spends much of its quantizer time
+in per-call overhead rather than arithmetic: at 8x8 inputs a ResNet-20 DoReFa weight is 432 to 36,864 elements, and
+each layer's forward and backward pass was a dozen Python-level tensor calls plus an autograd node of its own.
+:func:`batch_weights` installs a forward pre-hook on the network that, before a training forward pass, computes
+the quantized weights of all its layers that use one quantizer (grouped by bit-width) through one
+:class:`BatchedTermsNode`: a quantizer's :class:`~methods.quant.version_cache.WeightTerms` subclass supplies
+``quantized_many`` and ``backward_many``, written with ``torch._foreach_*`` operations, one call per operation for
+all layers. The results wait in a table keyed by the weight tensor; the quantizer function takes its layer's
+result from there (:func:`take_batched`) instead of computing it, and a forward hook drops what was not taken.
+
+The values are the per-layer path's bit for bit: on the CPU a ``_foreach`` operation applies the plain operation to
+each tensor in turn, and the node's backward pass returns each layer's gradient to that layer's weight, which
+autograd accumulates as before. (CUDA's fused ``_foreach`` kernels may round a division differently from the plain
+kernel, so CUDA keeps the per-layer path until this is measured on a GPU.) The hook steps aside where the version
+cache does (``torch.compile`` tracing, inference mode, :func:`~methods.quant.version_cache.version_cache_disabled`)
+and wherever no gradient is taken (evaluation has its own cache, :mod:`methods.quant.weight_cache`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Hashable
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from methods.quant.version_cache import WeightTerms, _stored, _version_key, caching
+
+#: weight tensor -> (terms name, bit-width, weight version key, quantized weight) for the forward pass under way
+_waiting: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_LAYERS_ATTRIBUTE = "_mbq_batched_weights"
+
+
+class BatchedTermsNode(torch.autograd.Function):
+    """The quantized weights of several layers at one bit-width, one output per layer; its backward pass gets every
+    layer's upstream gradient at once (None for a layer that took no part) and returns each weight's gradient."""
+
+    @staticmethod
+    def forward(ctx, terms: list[WeightTerms], bits: int, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)  # a layer that did not run gets no gradient, not a zero one
+        ctx.terms, ctx.bits = terms, bits
+        return tuple(type(terms[0]).quantized_many(terms, bits))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        used = [i for i, grad in enumerate(grads) if grad is not None]
+        results: list[torch.Tensor | None] = [None] * len(grads)
+        if used:
+            computed = type(ctx.terms[0]).backward_many([ctx.terms[i] for i in used], [grads[i] for i in used],
+                                                        ctx.bits)
+            for i, grad in zip(used, computed):
+                results[i] = grad
+        return (None, None, *results)
+
+
+def take_batched(weight: torch.Tensor, name: Hashable, bits: int) -> torch.Tensor | None:
+    """The quantized ``weight`` the network's pre-hook computed for this forward pass, if it computed one for this
+    quantizer, bit-width and version of the weight and autograd is on; else None (the caller computes it)."""
+    if not _waiting:
+        return None
+    entry = _waiting.get(weight)
+    # another call on the same weight (EMQ's 32-bit reference statistics, without gradient) leaves it waiting
+    if entry is None or not torch.is_grad_enabled() or entry[:2] != (name, bits):
+        return None
+    del _waiting[weight]
+    return entry[3] if entry[2] == _version_key(weight) else None
+
+
+def batch_weights(model: nn.Module, uses: Callable[[nn.Module], bool], name: Hashable,
+                  terms_class: type[WeightTerms]) -> nn.Module:
+    """Have ``model``'s training forward passes quantize, in one node per bit-width, the weights of every layer
+    for which ``uses(layer)`` is true (its weight quantizer reads ``terms_class`` terms cached under ``name``
+    and calls :func:`take_batched`). The hooks hold no layer, so deep copies and pickles of ``model`` keep
+    working. Returns ``model``."""
+    model.register_forward_pre_hook(functools.partial(_quantize_together, uses, name, terms_class))
+    model.register_forward_hook(_drop_untaken)
+    return model
+
+
+def _quantize_together(uses: Callable[[nn.Module], bool], name: Hashable, terms_class: type[WeightTerms],
+                       model: nn.Module, args) -> None:
+    if not model.training or not torch.is_grad_enabled():
+        return
+    groups: dict[int, list[nn.Module]] = {}
+    for layer in model.modules():
+        if uses(layer):
+            groups.setdefault(int(layer.bits), []).append(layer)
+    weights_taken = []
+    for bits, layers in groups.items():
+        weights = [layer.weight for layer in layers]
+        if weights[0].device.type != "cpu" or not all(caching(w) for w in weights):
+            continue
+        terms = [_stored(w, name, functools.partial(terms_class, w)) for w in weights]
+        outputs = BatchedTermsNode.apply(terms, bits, *weights)
+        for weight, quantized in zip(weights, outputs):
+            _waiting[weight] = (name, bits, _version_key(weight), quantized)
+        weights_taken += weights
+    model.__dict__[_LAYERS_ATTRIBUTE] = weights_taken
+
+
+def _drop_untaken(model: nn.Module, args, output) -> None:
+    for weight in model.__dict__.pop(_LAYERS_ATTRIBUTE, ()):
+        _waiting.pop(weight, None)

@@ -1,0 +1,207 @@
+"""One autograd node for all of a network's DoReFa weights: the per-layer path's bits, taken only by the forward pass
+it was made for, skipped where no gradient is taken, and safe under copies."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.data import DatasetInfo
+from harness.method import Batch, RunContext
+from harness.optim import step_optimizers
+from harness.registry import get_method
+from methods.quant import weight_batch
+from methods.quant.bias_correction import BiasCorrectedQuantizer
+from methods.quant.dorefa import (
+    DOREFA_TERMS,
+    _DoReFaTerms,
+    _DoReFaWeight,
+    batch_dorefa_weights,
+    dorefa_weight,
+    uses_dorefa_weight,
+)
+from methods.quant.modules import QuantConv2d
+from methods.quant.version_cache import version_cache_disabled
+from tests.methods.quant.test_version_cache import same_bits
+
+SHAPES = [(16, 8, 3, 3), (8, 8, 1, 1), (4, 16, 3, 3)]
+
+
+def latent_weights(seed: int = 0) -> list[nn.Parameter]:
+    torch.manual_seed(seed)
+    weights = [torch.randn(shape) * 0.2 for shape in SHAPES]
+    flat = weights[0].view(-1)
+    flat[1] = -flat.abs().max()  # a tie at the max, as in the per-layer tests
+    flat[0] = -flat[1]
+    return [nn.Parameter(w) for w in weights]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 32])
+def test_batched_node_gives_each_layer_the_single_layer_nodes_bits_forward_and_backward(bits):
+    upstream = [torch.randn(shape) for shape in SHAPES]
+    upstream[1].view(-1)[3] = -0.0  # a signed zero upstream stays one
+    batched_weights, single_weights, uncached_weights = latent_weights(), latent_weights(), latent_weights()
+    terms = [_DoReFaTerms(w) for w in batched_weights]
+    outputs = weight_batch.BatchedTermsNode.apply(terms, bits, *batched_weights)
+    torch.autograd.backward(outputs, upstream)
+    for i, grad in enumerate(upstream):
+        single = dorefa_weight(single_weights[i], bits)
+        single.backward(grad)
+        uncached = _DoReFaWeight.apply(uncached_weights[i], bits)
+        uncached.backward(grad)
+        assert same_bits(outputs[i].detach(), single.detach()) and same_bits(single.detach(), uncached.detach())
+        assert same_bits(batched_weights[i].grad, single_weights[i].grad)
+        assert same_bits(single_weights[i].grad, uncached_weights[i].grad)
+
+
+def test_a_layer_without_upstream_gradient_gets_none_and_the_others_theirs():
+    weights = latent_weights()
+    outputs = weight_batch.BatchedTermsNode.apply([_DoReFaTerms(w) for w in weights], 4, *weights)
+    (outputs[0].sum() + outputs[2].sum()).backward()
+    assert weights[0].grad is not None and weights[2].grad is not None and weights[1].grad is None
+    alone = latent_weights()[2]
+    dorefa_weight(alone, 4).sum().backward()
+    assert same_bits(weights[2].grad, alone.grad)
+
+
+class TwoPaths(nn.Module):
+    """Three DoReFa layers, a full-precision one and a BN: ``forward`` runs ``conv_a``, ``conv_b`` and ``plain``;
+    ``spare`` never."""
+
+    def __init__(self, quantizer=dorefa_weight) -> None:
+        super().__init__()
+        self.conv_a = QuantConv2d(3, 8, 3, padding=1, weight_quantizer=quantizer, bits=4)
+        self.conv_b = QuantConv2d(8, 8, 3, padding=1, weight_quantizer=quantizer, bits=4)
+        self.spare = QuantConv2d(8, 8, 1, weight_quantizer=quantizer, bits=4)
+        self.plain = QuantConv2d(8, 8, 1, weight_quantizer=None, bits=4)
+        self.norm = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.plain(self.conv_b(F.relu(self.norm(self.conv_a(x)))))
+
+
+def count_taken(monkeypatch) -> list[bool]:
+    taken = []
+    real = weight_batch.take_batched
+
+    def spy(weight, name, bits):
+        result = real(weight, name, bits)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr("methods.quant.dorefa.take_batched", spy)
+    return taken
+
+
+def test_training_forward_takes_every_layers_batched_weight_and_drops_the_rest(monkeypatch):
+    taken = count_taken(monkeypatch)
+    torch.manual_seed(0)
+    model = batch_dorefa_weights(TwoPaths())
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 6, 6)
+    model(x).square().sum().backward()
+    assert taken == [True, True]
+    assert not weight_batch._waiting  # the unused layer's weight was dropped after the pass
+    assert model.spare.weight.grad is None and model.plain.weight.grad is not None
+    taken.clear()
+    with version_cache_disabled():  # the per-layer, uncached path
+        reference(x).square().sum().backward()
+    assert taken == [False, False]
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None and q.grad is None) or same_bits(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("context", ["eval", "no_grad", "cache off", "inference"])
+def test_nothing_is_batched_where_no_gradient_is_taken_or_the_cache_is_off(context, monkeypatch):
+    taken = count_taken(monkeypatch)
+    model = batch_dorefa_weights(TwoPaths())
+    x = torch.randn(2, 3, 6, 6)
+    if context == "eval":
+        model.eval()
+    scope = {"no_grad": torch.no_grad, "cache off": version_cache_disabled,
+             "inference": torch.inference_mode}.get(context, contextlib.nullcontext)
+    with scope():
+        model(x)
+    assert not any(taken) and not weight_batch._waiting
+
+
+def test_a_waiting_weight_is_taken_only_at_its_bit_width_version_and_with_gradient():
+    weight = latent_weights()[0]
+    quantized = weight_batch.BatchedTermsNode.apply([_DoReFaTerms(weight)], 4, weight)[0]
+
+    def wait(bits=4):
+        weight_batch._waiting[weight] = (DOREFA_TERMS, bits, weight_batch._version_key(weight), quantized)
+
+    wait()
+    assert weight_batch.take_batched(weight, DOREFA_TERMS, 2) is None  # another bit-width: left waiting
+    assert weight_batch.take_batched(weight, "other_quantizer", 4) is None
+    with torch.no_grad():
+        assert weight_batch.take_batched(weight, DOREFA_TERMS, 4) is None  # e.g. EMQ's reference statistics
+    assert weight_batch.take_batched(weight, DOREFA_TERMS, 4) is quantized
+    assert weight_batch.take_batched(weight, DOREFA_TERMS, 4) is None  # taken once
+    wait()
+    with torch.no_grad():
+        weight.add_(1.0)  # a new version: the waiting value is stale
+    assert weight_batch.take_batched(weight, DOREFA_TERMS, 4) is None and not weight_batch._waiting
+
+
+def test_copies_and_pickles_batch_their_own_layers():
+    torch.manual_seed(0)
+    model = batch_dorefa_weights(TwoPaths())
+    clone = copy.deepcopy(model)
+    restored = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, 3, 6, 6)
+    for copy_ in (clone, restored):
+        copy_(x).sum().backward()
+        assert copy_.conv_a.weight.grad is not None
+    assert model.conv_a.weight.grad is None  # the copies' passes did not reach the original's weights
+    model(x).sum().backward()
+    assert same_bits(model.conv_a.weight.grad, clone.conv_a.weight.grad)
+
+
+def test_uses_dorefa_weight_sees_the_quantizer_alone_and_under_bias_correction():
+    assert uses_dorefa_weight(QuantConv2d(2, 2, 1, weight_quantizer=dorefa_weight))
+    assert uses_dorefa_weight(QuantConv2d(2, 2, 1, weight_quantizer=BiasCorrectedQuantizer(dorefa_weight)))
+    assert not uses_dorefa_weight(QuantConv2d(2, 2, 1, weight_quantizer=None))
+    assert not uses_dorefa_weight(nn.Conv2d(2, 2, 1))
+
+
+def remove_batching_hooks(model: nn.Module) -> None:
+    removed, ours = 0, (weight_batch._quantize_together, weight_batch._drop_untaken)
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in hooks.items() if getattr(hook, "func", hook) in ours]:
+                del hooks[key]
+                removed += 1
+    assert removed >= 2
+
+
+@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq"])
+def test_methods_train_the_same_bits_with_and_without_the_batch(name):
+    bits = (2, 4, 8, 32) if name != "emq" else (2, 4, 8)
+    info = DatasetInfo("batch", 10, 1, 8, (0.5,), (0.25,), "none")
+    torch.manual_seed(0)
+    method = get_method(name)()
+    initial = method.build("resnet8", 10, bits, info, 0.5)
+    initial.train()
+    batches = [Batch(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16)) for _ in range(2)]
+    ctx = RunContext(bits=bits, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
+    runs = []
+    for batched in (True, False):
+        model = copy.deepcopy(initial)
+        if not batched:  # the per-layer cached path: the same network without the batching hooks
+            remove_batching_hooks(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for batch in batches:
+            optimizer.zero_grad()
+            method.train_step(model, batch, ctx)
+            step_optimizers([optimizer])
+        runs.append({key: value.detach().clone() for key, value in model.state_dict().items()})
+    for key, value in runs[0].items():
+        assert same_bits(value, runs[1][key]) if value.is_floating_point() else torch.equal(value, runs[1][key]), key
