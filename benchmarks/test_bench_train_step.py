@@ -6,6 +6,9 @@ are 7/3 of the work by design); each method's ratio goes to ``extra_info`` (the 
 re-timed before and after the method in the same test, the faster median kept, so the ratio does not depend on
 test order).
 
+``test_method_step_parts`` times the DoReFa methods' step with their weight and/or input quantizers replaced by
+the identity: how much of the step each part costs (select with ``-k parts``).
+
 ``test_method_step_compiled`` is the same step with both networks compiled as ``--compile`` compiles them
 (``Runtime.prepare_model``: fresh dynamo caches per network), its ratio taken against a compiled full-precision
 step; compiling costs 15-150 s per cell on 2 CPU cores, so select it on its own (``-k compiled``) or leave it out
@@ -94,6 +97,54 @@ def _benchmark_method_step(benchmark, name: str, size: str, compiled: bool) -> N
     benchmark.extra_info["bit_widths_per_step"] = len(BITS)
     benchmark.extra_info["full_precision_step_s"] = round(fp_seconds, 5)
     if benchmark.stats:  # None under --benchmark-disable, which runs the step once, untimed
+        benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds),
+                                                            3)
+
+
+def _identity_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    return weight
+
+
+def _identity_input(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return x
+
+
+QUANTIZER_PARTS = {"without weight quantizers": ("weight",), "without input quantizers": ("input",),
+                   "without either": ("weight", "input")}
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("parts", sorted(QUANTIZER_PARTS))
+@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq"])
+def test_method_step_parts(benchmark, name, parts, size):
+    """Where a DoReFa method's step time goes: the same step with the weight quantizers, the input quantizers or
+    both replaced by the identity in every quantized convolution (switchable BN, distillation and the harness stay).
+    A diagnostic, not a method: its ratio is the floor the quantizers' removal would reach."""
+    from methods.quant.modules import QuantConv2d
+
+    method = get_method(name)()
+    model = method.build("resnet20", 10, BITS, info(SIZES[size]), 1.0)
+    model.train()
+    for layer in model.modules():
+        if isinstance(layer, QuantConv2d):
+            if "weight" in QUANTIZER_PARTS[parts] and layer.weight_quantizer is not None:
+                layer.weight_quantizer = _identity_weight
+            if "input" in QUANTIZER_PARTS[parts] and layer.input_quantizer is not None:
+                layer.input_quantizer = _identity_input
+    ctx = RunContext(bits=BITS, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
+    data = batch(SIZES[size])
+    params = list(model.parameters())
+
+    def step():
+        model.zero_grad()
+        method.train_step(model, data, ctx)
+        torch.autograd.graph.increment_version(params)
+
+    fp_before = full_precision_step_seconds(data)
+    benchmark(step)
+    fp_seconds = min(fp_before, full_precision_step_seconds(data))
+    benchmark.extra_info["full_precision_step_s"] = round(fp_seconds, 5)
+    if benchmark.stats:
         benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds),
                                                             3)
 
