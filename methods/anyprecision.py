@@ -42,9 +42,10 @@ from harness.models import CONVOLUTIONAL_MODELS, create_model, role_of
 from harness.registry import register_method
 from harness.topology import Site, quantize_model
 from methods.quant.distill import soft_cross_entropy
-from methods.quant.dorefa import FULL_PRECISION, batch_dorefa_weights, dorefa_activation, dorefa_weight
+from methods.quant.dorefa import FULL_PRECISION, dorefa_activation, dorefa_weight
 from methods.quant.modules import QuantConv2d, SwitchableBatchNorm2d
 from methods.quant.networks import method_topology
+from methods.quant.weight_batch import batch_weights
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def dorefa_quantize(model: nn.Module, model_name: str, bits_set: tuple[int, ...]
         return SwitchableBatchNorm2d.from_norm(bn, bits_set)
 
     topology = method_topology(model, model_name, fp_shortcut=fp_shortcut)
-    return batch_dorefa_weights(quantize_model(model, topology, layer=layer, norm=norm))
+    return batch_weights(quantize_model(model, topology, layer=layer, norm=norm))
 
 
 def create_fp_model(model_name: str, num_classes: int, data_info: Any, width: float) -> nn.Module:

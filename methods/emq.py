@@ -103,13 +103,14 @@ from methods.emq_scoring import score_training_set, scoring_run, scoring_seed
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.coreset import coreset_size, draw_coreset, sampling_probabilities
 from methods.quant.distill import soft_cross_entropy
-from methods.quant.dorefa import FULL_PRECISION, batch_dorefa_weights, dorefa_weight
+from methods.quant.dorefa import FULL_PRECISION, dorefa_weight
 from methods.quant.lsq import LSQActivation
 from methods.quant.modules import QuantConv2d, WeightQuantizer
 from methods.quant.networks import method_topology
 from methods.quant.shared_bn import SharedBatchNorm2d, adapt_batchnorm
 from methods.quant.statsq import statsq_weight
 from methods.quant.vit import quantize_vit
+from methods.quant.weight_batch import batch_weights
 
 # Streams of harness.loader.derived_generator; far from the loader's own (0, 1, 2, 3, ...).
 CORESET_STREAM = 1000
@@ -179,7 +180,7 @@ class EMQ(Method):
             return SharedBatchNorm2d.from_norm(bn, bits, bn_mode, cfg.share_binary_bn, cfg.shared_bn_grad)
 
         topology = method_topology(model, model_name, fp_shortcut=cfg.fp_shortcut)
-        return batch_dorefa_weights(quantize_model(model, topology, layer=layer, norm=norm))
+        return batch_weights(quantize_model(model, topology, layer=layer, norm=norm))
 
     def _build_vit(self, model: nn.Module, model_name: str, bits: tuple[int, ...]) -> nn.Module:
         if 1 in bits or self.cfg.act_bits == 1:

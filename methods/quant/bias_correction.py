@@ -19,12 +19,14 @@ so the difference is small). Choices the paper leaves open (each selectable by t
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Literal
 
 import torch
 
 from methods.quant.modules import WeightQuantizer
-from methods.quant.version_cache import derived
+from methods.quant.version_cache import WeightTerms, derived
+from methods.quant.weight_batch import batch_terms, take_batched
 
 FULL_PRECISION = 32
 Granularity = Literal["per_layer", "per_channel"]
@@ -72,6 +74,33 @@ def bias_correct(quantized: torch.Tensor, reference: torch.Tensor,
     return scale * (quantized + shift)
 
 
+class _CorrectedTerms(WeightTerms):
+    """Eq. 2 on a base quantizer's terms for one forward pass, in list form for :mod:`methods.quant.weight_batch`:
+    the forward pass is the base's, then per layer the coefficients (without gradient) and ``scale * (w_q +
+    shift)``; the backward pass multiplies the upstream gradient by the scale, as autograd's product node does,
+    and hands it to the base's backward pass. Same operations as :class:`BiasCorrectedQuantizer`'s, same bits."""
+
+    def __init__(self, base: WeightTerms, mean_ref: torch.Tensor, var_ref: torch.Tensor,
+                 granularity: Granularity) -> None:
+        super().__init__()
+        self.base, self.mean_ref, self.var_ref, self.granularity = base, mean_ref, var_ref, granularity
+        self.scale: torch.Tensor | None = None  # this forward pass's Eq. 2 scale, for the backward pass
+
+    @staticmethod
+    def quantized_many(terms: list[_CorrectedTerms], bits: int) -> list[torch.Tensor]:
+        quantized = type(terms[0].base).quantized_many([t.base for t in terms], bits)
+        shifts = []
+        for t, q in zip(terms, quantized):
+            t.scale, shift = coefficients_from_statistics(q, t.mean_ref, t.var_ref, t.granularity)
+            shifts.append(shift)
+        return torch._foreach_mul([t.scale for t in terms], torch._foreach_add(quantized, shifts))
+
+    @staticmethod
+    def backward_many(terms: list[_CorrectedTerms], grads: list[torch.Tensor], bits: int) -> list[torch.Tensor]:
+        scaled = torch._foreach_mul(grads, [t.scale for t in terms])
+        return type(terms[0].base).backward_many([t.base for t in terms], scaled, bits)
+
+
 class BiasCorrectedQuantizer:
     """``quantizer(w, bits)`` followed by Eq. 2 against ``quantizer(w, 32)`` for every bit-width below 32.
 
@@ -88,16 +117,34 @@ class BiasCorrectedQuantizer:
     def __call__(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
         if bits >= FULL_PRECISION:
             return self.quantizer(weight, FULL_PRECISION)
-        # the reference's statistics do not depend on the bit-width: once per version of the weight
-        mean_ref, var_ref = derived(weight, ("bias_correction_reference", self.quantizer, self.granularity),
-                                    lambda: self._reference_statistics(weight))
+        batched = take_batched(weight, self._batch_name(), bits)
+        if batched is not None:  # computed with the network's other layers (methods.quant.weight_batch)
+            return batched
+        mean_ref, var_ref = self._reference(weight)
         quantized = self.quantizer(weight, bits)
         scale, shift = coefficients_from_statistics(quantized, mean_ref, var_ref, self.granularity)
         return scale * (quantized + shift)  # as bias_correct
 
+    def _reference(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # the reference's statistics do not depend on the bit-width: once per version of the weight
+        return derived(weight, ("bias_correction_reference", self.quantizer, self.granularity),
+                       lambda: self._reference_statistics(weight))
+
     def _reference_statistics(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             return reference_statistics(self.quantizer(weight, FULL_PRECISION), self.granularity)
+
+    def _batch_name(self) -> tuple:
+        return ("bias_corrected", self.quantizer, self.granularity)
+
+    def batch_terms(self, weight: torch.Tensor, bits: int) -> tuple[Hashable, WeightTerms] | None:
+        """What :mod:`methods.quant.weight_batch` needs to correct ``weight`` at ``bits`` together with the network's
+        other layers: at 32 bits the base quantizer's terms (the correction is not applied there), below that a
+        :class:`_CorrectedTerms` over them, or None where the base quantizer cannot be batched."""
+        base = batch_terms(self.quantizer, weight, bits)
+        if base is None or bits >= FULL_PRECISION:
+            return base
+        return self._batch_name(), _CorrectedTerms(base[1], *self._reference(weight), self.granularity)
 
     def __repr__(self) -> str:
         name = getattr(self.quantizer, "__name__", repr(self.quantizer))

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from methods.quant.ste import quantize_unit
 from methods.quant.version_cache import TermsNode, WeightTerms, quantize_with_terms
-from methods.quant.weight_batch import batch_weights, take_batched
+from methods.quant.weight_batch import register_batchable, take_batched
 
 FULL_PRECISION = 32
 DOREFA_TERMS = "dorefa_weight"  # the version cache's name for the terms below
@@ -185,17 +185,7 @@ def dorefa_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return quantize_with_terms(weight, DOREFA_TERMS, _DoReFaTerms, _CachedDoReFaWeight, _DoReFaWeight.apply, bits)
 
 
-def uses_dorefa_weight(layer: torch.nn.Module) -> bool:
-    """Whether ``layer``'s weight quantizer is :func:`dorefa_weight`, alone or under a wrapper that calls it (EMQ's
-    bias correction): the layers :func:`batch_dorefa_weights` quantizes together."""
-    quantizer = getattr(layer, "weight_quantizer", None)
-    return quantizer is dorefa_weight or getattr(quantizer, "quantizer", None) is dorefa_weight
-
-
-def batch_dorefa_weights(model: torch.nn.Module) -> torch.nn.Module:
-    """Quantize all of ``model``'s DoReFa weights of a training forward pass in one node
-    (:mod:`methods.quant.weight_batch`); same bits as one node per layer."""
-    return batch_weights(model, uses_dorefa_weight, DOREFA_TERMS, _DoReFaTerms)
+register_batchable(dorefa_weight, DOREFA_TERMS, _DoReFaTerms)
 
 
 def dorefa_weight_reference(weight: torch.Tensor, bits: int) -> torch.Tensor:

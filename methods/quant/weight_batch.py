@@ -5,9 +5,10 @@ in per-call overhead rather than arithmetic: at 8x8 inputs a ResNet-20 DoReFa we
 each layer's forward and backward pass was a dozen Python-level tensor calls plus an autograd node of its own.
 :func:`batch_weights` installs a forward pre-hook on the network that, before a training forward pass, computes
 the quantized weights of all its layers that use one quantizer (grouped by bit-width) through one
-:class:`BatchedTermsNode`: a quantizer's :class:`~methods.quant.version_cache.WeightTerms` subclass supplies
-``quantized_many`` and ``backward_many``, written with ``torch._foreach_*`` operations, one call per operation for
-all layers. The results wait in a table keyed by the weight tensor; the quantizer function takes its layer's
+:class:`BatchedTermsNode`: a quantizer registered with :func:`register_batchable` has a
+:class:`~methods.quant.version_cache.WeightTerms` subclass with ``quantized_many`` and ``backward_many``, written
+with ``torch._foreach_*`` operations, one call per operation for all layers (DoReFa's, and EMQ's bias correction on
+top of it). The results wait in a table keyed by the weight tensor; the quantizer function takes its layer's
 result from there (:func:`take_batched`) instead of computing it, and a forward hook drops what was not taken.
 
 The values are the per-layer path's bit for bit: on the CPU a ``_foreach`` operation applies the plain operation to
@@ -69,31 +70,57 @@ def take_batched(weight: torch.Tensor, name: Hashable, bits: int) -> torch.Tenso
     return entry[3] if entry[2] == _version_key(weight) else None
 
 
-def batch_weights(model: nn.Module, uses: Callable[[nn.Module], bool], name: Hashable,
-                  terms_class: type[WeightTerms]) -> nn.Module:
-    """Have ``model``'s training forward passes quantize, in one node per bit-width, the weights of every layer
-    for which ``uses(layer)`` is true (its weight quantizer reads ``terms_class`` terms cached under ``name``
-    and calls :func:`take_batched`). The hooks hold no layer, so deep copies and pickles of ``model`` keep
-    working. Returns ``model``."""
-    model.register_forward_pre_hook(functools.partial(_quantize_together, uses, name, terms_class))
+#: quantizer function -> (the version cache's name for its terms, its WeightTerms class with list forms)
+_batchable: dict[Callable, tuple[Hashable, type[WeightTerms]]] = {}
+
+
+def register_batchable(quantizer: Callable, name: Hashable, terms_class: type[WeightTerms]) -> None:
+    """Declare that ``quantizer(weight, bits)`` reads ``terms_class`` terms cached under ``name``, that the class has
+    ``quantized_many`` and ``backward_many``, and that the quantizer returns :func:`take_batched`'s value first."""
+    _batchable[quantizer] = (name, terms_class)
+
+
+def batch_terms(quantizer: object, weight: torch.Tensor, bits: int) -> tuple[Hashable, WeightTerms] | None:
+    """``(name, terms)`` for quantizing ``weight`` with ``quantizer`` at ``bits`` in a batch, or None: a registered
+    quantizer function gives its cached terms; a quantizer object may answer through its own ``batch_terms``
+    method (a wrapper such as EMQ's bias correction, whose terms hold its base quantizer's)."""
+    own = getattr(quantizer, "batch_terms", None)
+    if own is not None:
+        return own(weight, bits)
+    try:
+        name, terms_class = _batchable[quantizer]
+    except (KeyError, TypeError):  # not registered, or not hashable
+        return None
+    return name, _stored(weight, name, functools.partial(terms_class, weight))
+
+
+def batch_weights(model: nn.Module) -> nn.Module:
+    """Have ``model``'s training forward passes quantize, in one node per quantizer and bit-width, the weights of
+    every layer whose ``weight_quantizer`` :func:`batch_terms` can batch. The hooks hold no layer, so deep copies
+    and pickles of ``model`` keep working. Returns ``model``."""
+    model.register_forward_pre_hook(_quantize_together)
     model.register_forward_hook(_drop_untaken)
     return model
 
 
-def _quantize_together(uses: Callable[[nn.Module], bool], name: Hashable, terms_class: type[WeightTerms],
-                       model: nn.Module, args) -> None:
+def _quantize_together(model: nn.Module, args) -> None:
     if not model.training or not torch.is_grad_enabled():
         return
-    groups: dict[int, list[nn.Module]] = {}
+    groups: dict[tuple[Hashable, int], tuple[list[torch.Tensor], list[WeightTerms]]] = {}
     for layer in model.modules():
-        if uses(layer):
-            groups.setdefault(int(layer.bits), []).append(layer)
-    weights_taken = []
-    for bits, layers in groups.items():
-        weights = [layer.weight for layer in layers]
-        if weights[0].device.type != "cpu" or not all(caching(w) for w in weights):
+        quantizer, weight = getattr(layer, "weight_quantizer", None), getattr(layer, "weight", None)
+        if quantizer is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
             continue
-        terms = [_stored(w, name, functools.partial(terms_class, w)) for w in weights]
+        if not caching(weight):
+            return  # compiling, inference mode or the cache switched off: every layer computes its own
+        bits = int(layer.bits)
+        found = batch_terms(quantizer, weight, bits)
+        if found is not None:
+            weights, terms = groups.setdefault((found[0], bits), ([], []))
+            weights.append(weight)
+            terms.append(found[1])
+    weights_taken = []
+    for (name, bits), (weights, terms) in groups.items():
         outputs = BatchedTermsNode.apply(terms, bits, *weights)
         for weight, quantized in zip(weights, outputs):
             _waiting[weight] = (name, bits, _version_key(weight), quantized)

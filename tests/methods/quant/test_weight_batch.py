@@ -18,15 +18,9 @@ from harness.optim import step_optimizers
 from harness.registry import get_method
 from methods.quant import weight_batch
 from methods.quant.bias_correction import BiasCorrectedQuantizer
-from methods.quant.dorefa import (
-    DOREFA_TERMS,
-    _DoReFaTerms,
-    _DoReFaWeight,
-    batch_dorefa_weights,
-    dorefa_weight,
-    uses_dorefa_weight,
-)
+from methods.quant.dorefa import DOREFA_TERMS, _DoReFaTerms, _DoReFaWeight, dorefa_weight
 from methods.quant.modules import QuantConv2d
+from methods.quant.sat import sat_weight
 from methods.quant.version_cache import version_cache_disabled
 from tests.methods.quant.test_version_cache import same_bits
 
@@ -102,7 +96,7 @@ def count_taken(monkeypatch) -> list[bool]:
 def test_training_forward_takes_every_layers_batched_weight_and_drops_the_rest(monkeypatch):
     taken = count_taken(monkeypatch)
     torch.manual_seed(0)
-    model = batch_dorefa_weights(TwoPaths())
+    model = weight_batch.batch_weights(TwoPaths())
     reference = copy.deepcopy(model)
     x = torch.randn(4, 3, 6, 6)
     model(x).square().sum().backward()
@@ -120,7 +114,7 @@ def test_training_forward_takes_every_layers_batched_weight_and_drops_the_rest(m
 @pytest.mark.parametrize("context", ["eval", "no_grad", "cache off", "inference"])
 def test_nothing_is_batched_where_no_gradient_is_taken_or_the_cache_is_off(context, monkeypatch):
     taken = count_taken(monkeypatch)
-    model = batch_dorefa_weights(TwoPaths())
+    model = weight_batch.batch_weights(TwoPaths())
     x = torch.randn(2, 3, 6, 6)
     if context == "eval":
         model.eval()
@@ -153,7 +147,7 @@ def test_a_waiting_weight_is_taken_only_at_its_bit_width_version_and_with_gradie
 
 def test_copies_and_pickles_batch_their_own_layers():
     torch.manual_seed(0)
-    model = batch_dorefa_weights(TwoPaths())
+    model = weight_batch.batch_weights(TwoPaths())
     clone = copy.deepcopy(model)
     restored = pickle.loads(pickle.dumps(model))
     x = torch.randn(2, 3, 6, 6)
@@ -165,11 +159,33 @@ def test_copies_and_pickles_batch_their_own_layers():
     assert same_bits(model.conv_a.weight.grad, clone.conv_a.weight.grad)
 
 
-def test_uses_dorefa_weight_sees_the_quantizer_alone_and_under_bias_correction():
-    assert uses_dorefa_weight(QuantConv2d(2, 2, 1, weight_quantizer=dorefa_weight))
-    assert uses_dorefa_weight(QuantConv2d(2, 2, 1, weight_quantizer=BiasCorrectedQuantizer(dorefa_weight)))
-    assert not uses_dorefa_weight(QuantConv2d(2, 2, 1, weight_quantizer=None))
-    assert not uses_dorefa_weight(nn.Conv2d(2, 2, 1))
+def test_batch_terms_cover_dorefa_alone_and_under_bias_correction_and_nothing_else():
+    weight = latent_weights()[0]
+    name, terms = weight_batch.batch_terms(dorefa_weight, weight, 4)
+    assert name == DOREFA_TERMS and isinstance(terms, _DoReFaTerms)
+    corrected = BiasCorrectedQuantizer(dorefa_weight, "per_channel")
+    name, wrapped = weight_batch.batch_terms(corrected, weight, 4)
+    assert name == ("bias_corrected", dorefa_weight, "per_channel") and wrapped.base is terms  # the cached terms
+    assert weight_batch.batch_terms(corrected, weight, 32)[0] == DOREFA_TERMS  # no correction at 32 bits
+    assert weight_batch.batch_terms(BiasCorrectedQuantizer(sat_weight), weight, 4) is None
+    assert weight_batch.batch_terms(sat_weight, weight, 4) is None
+
+
+@pytest.mark.parametrize("granularity", ["per_layer", "per_channel"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 32])
+def test_bias_corrected_batch_gives_the_per_layer_bits_forward_and_backward(granularity, bits):
+    quantizer = BiasCorrectedQuantizer(dorefa_weight, granularity)
+    upstream = [torch.randn(shape) for shape in SHAPES]
+    batched_weights, single_weights = latent_weights(), latent_weights()
+    found = [weight_batch.batch_terms(quantizer, w, bits) for w in batched_weights]
+    outputs = weight_batch.BatchedTermsNode.apply([terms for _, terms in found], bits, *batched_weights)
+    torch.autograd.backward(outputs, upstream)
+    for i, grad in enumerate(upstream):
+        with version_cache_disabled():
+            single = quantizer(single_weights[i], bits)
+        single.backward(grad)
+        assert same_bits(outputs[i].detach(), single.detach())
+        assert same_bits(batched_weights[i].grad, single_weights[i].grad)
 
 
 def remove_batching_hooks(model: nn.Module) -> None:
