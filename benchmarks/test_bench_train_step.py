@@ -4,7 +4,8 @@ The figure of merit is ``method step / (k x full-precision step)``, k = number o
 (goals: 1.15 for anyprecision, dedicated and emq, 1.3 for adabits, 2.7 for mbquant, whose seven 2-bit branches
 are 7/3 of the work by design); each method's ratio goes to ``extra_info`` (the full-precision step is
 re-timed before and after the method in the same test, the faster median kept, so the ratio does not depend on
-test order).
+test order). ``interleaved_ratio`` in ``extra_info`` is the steadier figure on a machine whose speed drifts: the
+median over rounds of one method step over k full-precision steps timed just before it.
 
 ``test_method_step_parts`` times the DoReFa methods' step with their weight and/or input quantizers replaced by
 the identity: how much of the step each part costs (select with ``-k parts``).
@@ -99,6 +100,7 @@ def _benchmark_method_step(benchmark, name: str, size: str, compiled: bool) -> N
     if benchmark.stats:  # None under --benchmark-disable, which runs the step once, untimed
         benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds),
                                                             3)
+        benchmark.extra_info["interleaved_ratio"] = interleaved_ratio(step, data, compiled=compiled)
 
 
 def _identity_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -147,6 +149,32 @@ def test_method_step_parts(benchmark, name, parts, size):
     if benchmark.stats:
         benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds),
                                                             3)
+        benchmark.extra_info["interleaved_ratio"] = interleaved_ratio(step, data)
+
+
+def interleaved_ratio(method_step, data: Batch, rounds: int = 7, compiled: bool = False) -> float:
+    """Median over ``rounds`` of (one method step) / (k full-precision steps timed right before it).
+
+    A virtual machine's speed drifts by 10 % or more within minutes, and the benchmark's own figure divides a median
+    taken over one stretch of time by one taken over another; here each round's two timings are seconds apart, so
+    the drift cancels."""
+    model = create_model("resnet20", num_classes=10, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = Runtime(torch.device("cpu"), compile=compiled).prepare_model(model)
+
+    def fp_step():
+        model.zero_grad()
+        F.cross_entropy(model(data.x), data.y).backward()
+
+    fp_step()  # warm-up (and compilation)
+    ratios = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in BITS:
+            fp_step()
+        middle = time.perf_counter()
+        method_step()
+        ratios.append((time.perf_counter() - middle) / (middle - start))
+    return round(sorted(ratios)[rounds // 2], 3)
 
 
 def full_precision_step_seconds(data: Batch, repeats: int = 9, compiled: bool = False) -> float:
