@@ -47,7 +47,7 @@ class BatchedTermsNode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
-        used = [i for i, grad in enumerate(grads) if grad is not None]
+        used = [i for i, grad in enumerate(grads) if grad is not None and ctx.needs_input_grad[2 + i]]
         results: list[torch.Tensor | None] = [None] * len(grads)
         if used:
             computed = type(ctx.terms[0]).backward_many([ctx.terms[i] for i in used], [grads[i] for i in used],
@@ -60,7 +60,9 @@ class BatchedTermsNode(torch.autograd.Function):
 def take_batched(weight: torch.Tensor, name: Hashable, bits: int) -> torch.Tensor | None:
     """The quantized ``weight`` the network's pre-hook computed for this forward pass, if it computed one for this
     quantizer, bit-width and version of the weight and autograd is on; else None (the caller computes it)."""
-    if not _waiting:
+    # checked first: dynamo cannot trace a weak dictionary's length, and a graph break in every quantized layer
+    # would split a compiled network into one graph per layer
+    if torch.compiler.is_compiling() or not _waiting:
         return None
     entry = _waiting.get(weight)
     # another call on the same weight (EMQ's 32-bit reference statistics, without gradient) leaves it waiting
@@ -99,7 +101,8 @@ def batch_weights(model: nn.Module) -> nn.Module:
     every layer whose ``weight_quantizer`` :func:`batch_terms` can batch. The hooks hold no layer, so deep copies
     and pickles of ``model`` keep working. Returns ``model``."""
     model.register_forward_pre_hook(_quantize_together)
-    model.register_forward_hook(_drop_untaken)
+    # always: a forward pass that raises would otherwise leave its entries, whose graphs keep their weights alive
+    model.register_forward_hook(_drop_untaken, always_call=True)
     return model
 
 

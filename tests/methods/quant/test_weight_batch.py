@@ -90,6 +90,7 @@ def count_taken(monkeypatch) -> list[bool]:
         return result
 
     monkeypatch.setattr("methods.quant.dorefa.take_batched", spy)
+    monkeypatch.setattr("methods.quant.bias_correction.take_batched", spy)
     return taken
 
 
@@ -145,15 +146,17 @@ def test_a_waiting_weight_is_taken_only_at_its_bit_width_version_and_with_gradie
     assert weight_batch.take_batched(weight, DOREFA_TERMS, 4) is None and not weight_batch._waiting
 
 
-def test_copies_and_pickles_batch_their_own_layers():
+def test_copies_and_pickles_batch_their_own_layers(monkeypatch):
+    taken = count_taken(monkeypatch)
     torch.manual_seed(0)
     model = weight_batch.batch_weights(TwoPaths())
     clone = copy.deepcopy(model)
     restored = pickle.loads(pickle.dumps(model))
     x = torch.randn(2, 3, 6, 6)
     for copy_ in (clone, restored):
+        taken.clear()
         copy_(x).sum().backward()
-        assert copy_.conv_a.weight.grad is not None
+        assert taken == [True, True] and copy_.conv_a.weight.grad is not None
     assert model.conv_a.weight.grad is None  # the copies' passes did not reach the original's weights
     model(x).sum().backward()
     assert same_bits(model.conv_a.weight.grad, clone.conv_a.weight.grad)
@@ -199,7 +202,8 @@ def remove_batching_hooks(model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq"])
-def test_methods_train_the_same_bits_with_and_without_the_batch(name):
+def test_methods_train_the_same_bits_with_and_without_the_batch(name, monkeypatch):
+    taken = count_taken(monkeypatch)
     bits = (2, 4, 8, 32) if name != "emq" else (2, 4, 8)
     info = DatasetInfo("batch", 10, 1, 8, (0.5,), (0.25,), "none")
     torch.manual_seed(0)
@@ -214,10 +218,77 @@ def test_methods_train_the_same_bits_with_and_without_the_batch(name):
         if not batched:  # the per-layer cached path: the same network without the batching hooks
             remove_batching_hooks(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        taken.clear()
         for batch in batches:
             optimizer.zero_grad()
             method.train_step(model, batch, ctx)
             step_optimizers([optimizer])
+        assert any(taken) == batched and (not batched or taken.count(True) >= 2 * len(bits))
         runs.append({key: value.detach().clone() for key, value in model.state_dict().items()})
     for key, value in runs[0].items():
         assert same_bits(value, runs[1][key]) if value.is_floating_point() else torch.equal(value, runs[1][key]), key
+
+
+class Raises(TwoPaths):
+    def forward(self, x):
+        self.conv_a(x)
+        raise RuntimeError("a fault mid-pass")
+
+
+def test_a_forward_pass_that_raises_leaves_nothing_waiting():
+    model = weight_batch.batch_weights(Raises())
+    with pytest.raises(RuntimeError, match="mid-pass"):
+        model(torch.randn(2, 3, 6, 6))
+    assert not weight_batch._waiting
+
+
+class Repeats(nn.Module):
+    """One layer called twice, a second layer sharing the first's weight, and a layer at another bit-width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = QuantConv2d(4, 4, 3, padding=1, weight_quantizer=dorefa_weight, bits=4)
+        self.shared = QuantConv2d(4, 4, 3, padding=1, weight_quantizer=dorefa_weight, bits=4)
+        self.shared.weight = self.conv.weight
+        self.other = QuantConv2d(4, 4, 1, weight_quantizer=dorefa_weight, bits=2)
+
+    def forward(self, x):
+        return self.other(self.shared(self.conv(self.conv(x))))
+
+
+def test_repeated_and_shared_weights_and_mixed_bit_widths_train_as_per_layer(monkeypatch):
+    taken = count_taken(monkeypatch)
+    torch.manual_seed(0)
+    model = weight_batch.batch_weights(Repeats())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4, 5, 5)
+    model(x).square().sum().backward()
+    assert taken == [True, False, False, True]  # the first use of each weight; the others compute their own
+    with version_cache_disabled():
+        reference(x).square().sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert same_bits(p.grad, q.grad)
+
+
+def test_the_backward_pass_skips_frozen_weights(monkeypatch):
+    sizes = []
+    backward_many = _DoReFaTerms.backward_many
+
+    def spy(terms, grads, bits):
+        sizes.append([t.normalized.shape for t in terms])
+        return backward_many(terms, grads, bits)
+
+    monkeypatch.setattr(_DoReFaTerms, "backward_many", staticmethod(spy))
+    weights = latent_weights()
+    weights[1].requires_grad_(False)
+    outputs = weight_batch.BatchedTermsNode.apply([_DoReFaTerms(w) for w in weights], 4, *weights)
+    sum(o.sum() for o in outputs).backward()
+    assert sizes == [[weights[0].shape, weights[2].shape]]  # the frozen layer's gradient is not computed
+    assert weights[1].grad is None and weights[0].grad is not None
+
+
+def test_a_compiled_network_traces_without_graph_breaks():
+    torch._dynamo.reset()
+    model = weight_batch.batch_weights(TwoPaths())
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 6, 6))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
