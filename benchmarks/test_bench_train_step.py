@@ -68,10 +68,13 @@ def test_method_step_compiled(benchmark, name, size):
     _benchmark_method_step(benchmark, name, size, compiled=True)
 
 
-def _benchmark_method_step(benchmark, name: str, size: str, compiled: bool) -> None:
+def _benchmark_method_step(benchmark, name: str, size: str, compiled: bool, prepare=None) -> None:
+    """``prepare(model)``, if given, changes the built network before it is timed (``test_method_step_parts``)."""
     method = get_method(name)()
     model = method.build("resnet20", 10, BITS, info(SIZES[size]), 1.0)
     model.train()
+    if prepare is not None:
+        prepare(model)
     model = Runtime(torch.device("cpu"), compile=compiled).prepare_model(model)  # as --compile does, or as is
     ctx = RunContext(bits=BITS, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
     data = batch(SIZES[size])
@@ -124,32 +127,15 @@ def test_method_step_parts(benchmark, name, parts, size):
     A diagnostic, not a method: its ratio is the floor the quantizers' removal would reach."""
     from methods.quant.modules import QuantConv2d
 
-    method = get_method(name)()
-    model = method.build("resnet20", 10, BITS, info(SIZES[size]), 1.0)
-    model.train()
-    for layer in model.modules():
-        if isinstance(layer, QuantConv2d):
-            if "weight" in QUANTIZER_PARTS[parts] and layer.weight_quantizer is not None:
-                layer.weight_quantizer = _identity_weight
-            if "input" in QUANTIZER_PARTS[parts] and layer.input_quantizer is not None:
-                layer.input_quantizer = _identity_input
-    ctx = RunContext(bits=BITS, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
-    data = batch(SIZES[size])
-    params = list(model.parameters())
+    def remove_quantizers(model):
+        for layer in model.modules():
+            if isinstance(layer, QuantConv2d):
+                if "weight" in QUANTIZER_PARTS[parts] and layer.weight_quantizer is not None:
+                    layer.weight_quantizer = _identity_weight
+                if "input" in QUANTIZER_PARTS[parts] and layer.input_quantizer is not None:
+                    layer.input_quantizer = _identity_input
 
-    def step():
-        model.zero_grad()
-        method.train_step(model, data, ctx)
-        torch.autograd.graph.increment_version(params)
-
-    fp_before = full_precision_step_seconds(data)
-    benchmark(step)
-    fp_seconds = min(fp_before, full_precision_step_seconds(data))
-    benchmark.extra_info["full_precision_step_s"] = round(fp_seconds, 5)
-    if benchmark.stats:
-        benchmark.extra_info["ratio_to_k_fp_steps"] = round(benchmark.stats.stats.median / (len(BITS) * fp_seconds),
-                                                            3)
-        benchmark.extra_info["interleaved_ratio"] = interleaved_ratio(step, data)
+    _benchmark_method_step(benchmark, name, size, compiled=False, prepare=remove_quantizers)
 
 
 def interleaved_ratio(method_step, data: Batch, rounds: int = 7, compiled: bool = False) -> float:

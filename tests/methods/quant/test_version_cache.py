@@ -242,28 +242,41 @@ def test_bias_correction_keys_its_reference_by_quantizer_and_granularity():
     assert len(keys) == 2
 
 
-@pytest.mark.parametrize("name", list_methods())
-def test_every_method_trains_bit_for_bit_the_same_with_the_cache_on_and_off(name):
+def two_step_setup(name: str, bits: tuple[int, ...]):
+    """A method, its resnet8 at 8x8 (width 0.5) in training mode, two batches and the run context."""
     from harness.data import DatasetInfo
     from harness.method import Batch, RunContext
 
-    bits = (2, 4, 8)
     info = DatasetInfo("cache", 10, 1, 8, (0.5,), (0.25,), "none")
     torch.manual_seed(0)
     method = get_method(name)()
     initial = method.build("resnet8", 10, bits, info, 0.5)
     initial.train()
     batches = [Batch(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16)) for _ in range(2)]
-    ctx = RunContext(bits=bits, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
+    return method, initial, batches, RunContext(bits=bits, device=torch.device("cpu"), num_classes=10, seed=0,
+                                                epochs=1)
+
+
+def train_two_steps(method, model: nn.Module, batches, ctx) -> dict[str, torch.Tensor]:
+    """Two optimizer steps (the second on the first's update); the state dict after them."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for batch in batches:
+        optimizer.zero_grad()
+        method.train_step(model, batch, ctx)
+        step_optimizers([optimizer])
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def assert_same_states(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    for key, value in first.items():
+        assert same_bits(value, second[key]) if value.is_floating_point() else torch.equal(value, second[key]), key
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_trains_bit_for_bit_the_same_with_the_cache_on_and_off(name):
+    method, initial, batches, ctx = two_step_setup(name, (2, 4, 8))
     runs = []
     for cached in (True, False):
-        model = copy.deepcopy(initial)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         with contextlib.nullcontext() if cached else version_cache_disabled():
-            for batch in batches:  # the second step runs on the first step's update
-                optimizer.zero_grad()
-                method.train_step(model, batch, ctx)
-                step_optimizers([optimizer])
-        runs.append({key: value.detach().clone() for key, value in model.state_dict().items()})
-    for key, value in runs[0].items():
-        assert same_bits(value, runs[1][key]) if value.is_floating_point() else torch.equal(value, runs[1][key]), key
+            runs.append(train_two_steps(method, copy.deepcopy(initial), batches, ctx))
+    assert_same_states(*runs)

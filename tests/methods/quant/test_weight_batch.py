@@ -12,17 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.data import DatasetInfo
-from harness.method import Batch, RunContext
-from harness.optim import step_optimizers
-from harness.registry import get_method
 from methods.quant import weight_batch
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.dorefa import DOREFA_TERMS, _DoReFaTerms, _DoReFaWeight, dorefa_weight
 from methods.quant.modules import QuantConv2d
 from methods.quant.sat import sat_weight
 from methods.quant.version_cache import version_cache_disabled
-from tests.methods.quant.test_version_cache import same_bits
+from tests.methods.quant.test_version_cache import assert_same_states, same_bits, train_two_steps, two_step_setup
 
 SHAPES = [(16, 8, 3, 3), (8, 8, 1, 1), (4, 16, 3, 3)]
 
@@ -94,22 +90,29 @@ def count_taken(monkeypatch) -> list[bool]:
     return taken
 
 
+def batched_and_per_layer_gradients(network: nn.Module, x: torch.Tensor, taken: list[bool]) -> nn.Module:
+    """One training pass of ``network`` with its weights batched, and one of a copy on the per-layer uncached path;
+    asserts that every parameter's gradient is the same bits (or None in both); returns the batched network."""
+    model = weight_batch.batch_weights(network)
+    reference = copy.deepcopy(model)
+    model(x).square().sum().backward()
+    batched_taken = list(taken)
+    with version_cache_disabled():
+        reference(x).square().sum().backward()
+    assert not any(taken[len(batched_taken):])
+    taken[:] = batched_taken
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None and q.grad is None) or same_bits(p.grad, q.grad), name
+    return model
+
+
 def test_training_forward_takes_every_layers_batched_weight_and_drops_the_rest(monkeypatch):
     taken = count_taken(monkeypatch)
     torch.manual_seed(0)
-    model = weight_batch.batch_weights(TwoPaths())
-    reference = copy.deepcopy(model)
-    x = torch.randn(4, 3, 6, 6)
-    model(x).square().sum().backward()
+    model = batched_and_per_layer_gradients(TwoPaths(), torch.randn(4, 3, 6, 6), taken)
     assert taken == [True, True]
     assert not weight_batch._waiting  # the unused layer's weight was dropped after the pass
     assert model.spare.weight.grad is None and model.plain.weight.grad is not None
-    taken.clear()
-    with version_cache_disabled():  # the per-layer, uncached path
-        reference(x).square().sum().backward()
-    assert taken == [False, False]
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert (p.grad is None and q.grad is None) or same_bits(p.grad, q.grad), name
 
 
 @pytest.mark.parametrize("context", ["eval", "no_grad", "cache off", "inference"])
@@ -205,28 +208,14 @@ def remove_batching_hooks(model: nn.Module) -> None:
 def test_methods_train_the_same_bits_with_and_without_the_batch(name, monkeypatch):
     taken = count_taken(monkeypatch)
     bits = (2, 4, 8, 32) if name != "emq" else (2, 4, 8)
-    info = DatasetInfo("batch", 10, 1, 8, (0.5,), (0.25,), "none")
-    torch.manual_seed(0)
-    method = get_method(name)()
-    initial = method.build("resnet8", 10, bits, info, 0.5)
-    initial.train()
-    batches = [Batch(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)), torch.arange(16)) for _ in range(2)]
-    ctx = RunContext(bits=bits, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
-    runs = []
-    for batched in (True, False):
-        model = copy.deepcopy(initial)
-        if not batched:  # the per-layer cached path: the same network without the batching hooks
-            remove_batching_hooks(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        taken.clear()
-        for batch in batches:
-            optimizer.zero_grad()
-            method.train_step(model, batch, ctx)
-            step_optimizers([optimizer])
-        assert any(taken) == batched and (not batched or taken.count(True) >= 2 * len(bits))
-        runs.append({key: value.detach().clone() for key, value in model.state_dict().items()})
-    for key, value in runs[0].items():
-        assert same_bits(value, runs[1][key]) if value.is_floating_point() else torch.equal(value, runs[1][key]), key
+    method, initial, batches, ctx = two_step_setup(name, bits)
+    batched = train_two_steps(method, copy.deepcopy(initial), batches, ctx)
+    assert taken.count(True) >= 2 * len(bits)  # every step's forward passes took batched weights
+    taken.clear()
+    per_layer = copy.deepcopy(initial)  # the per-layer cached path: the same network without the batching hooks
+    remove_batching_hooks(per_layer)
+    assert_same_states(batched, train_two_steps(method, per_layer, batches, ctx))
+    assert taken and not any(taken)
 
 
 class Raises(TwoPaths):
@@ -259,15 +248,8 @@ class Repeats(nn.Module):
 def test_repeated_and_shared_weights_and_mixed_bit_widths_train_as_per_layer(monkeypatch):
     taken = count_taken(monkeypatch)
     torch.manual_seed(0)
-    model = weight_batch.batch_weights(Repeats())
-    reference = copy.deepcopy(model)
-    x = torch.randn(2, 4, 5, 5)
-    model(x).square().sum().backward()
+    batched_and_per_layer_gradients(Repeats(), torch.randn(2, 4, 5, 5), taken)
     assert taken == [True, False, False, True]  # the first use of each weight; the others compute their own
-    with version_cache_disabled():
-        reference(x).square().sum().backward()
-    for p, q in zip(model.parameters(), reference.parameters()):
-        assert same_bits(p.grad, q.grad)
 
 
 def test_the_backward_pass_skips_frozen_weights(monkeypatch):
