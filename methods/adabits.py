@@ -106,6 +106,7 @@ from methods.quant.dorefa import FULL_PRECISION
 from methods.quant.modules import SwitchableBatchNorm2d, set_model_bits
 from methods.quant.pact import SwitchablePACT
 from methods.quant.sat import SATConv2d, SATLinear
+from methods.quant.weight_batch import batch_weights
 
 MAX_NESTED_BITS = 8
 RAW_IMAGE_SCALE = 255.0
@@ -230,7 +231,7 @@ class AdaBits(Method):
     def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any, width: float):
         self.check_bits(bits)
         model = create_fp_model(model_name, num_classes, data_info, self.cfg.width or width)
-        return adabits_network(model, model_name, bits, self.cfg)
+        return batch_weights(adabits_network(model, model_name, bits, self.cfg))
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         alpha_ids = {id(p) for m in model.modules() if isinstance(m, SwitchablePACT) for p in m.parameters()}

@@ -137,14 +137,14 @@ class BiasCorrectedQuantizer:
     def _batch_name(self) -> tuple:
         return ("bias_corrected", self.quantizer, self.granularity)
 
-    def batch_terms(self, weight: torch.Tensor, bits: int) -> tuple[Hashable, WeightTerms] | None:
+    def batch_terms(self, weight: torch.Tensor, bits: int) -> tuple[Hashable, WeightTerms, tuple] | None:
         """What :mod:`methods.quant.weight_batch` needs to correct ``weight`` at ``bits`` together with the network's
         other layers: at 32 bits the base quantizer's terms (the correction is not applied there), below that a
         :class:`_CorrectedTerms` over them, or None where the base quantizer cannot be batched."""
         base = batch_terms(self.quantizer, weight, bits)
         if base is None or bits >= FULL_PRECISION:
             return base
-        return self._batch_name(), _CorrectedTerms(base[1], *self._reference(weight), self.granularity)
+        return self._batch_name(), _CorrectedTerms(base[1], *self._reference(weight), self.granularity), (bits,)
 
     def __repr__(self) -> str:
         name = getattr(self.quantizer, "__name__", repr(self.quantizer))

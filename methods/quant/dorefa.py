@@ -97,6 +97,19 @@ def tanh_max_backward(grad_normalized: torch.Tensor, grad_max: torch.Tensor, nor
     return torch.ops.aten.tanh_backward(grad_normalized, normalized)  # autograd's own tanh kernel
 
 
+def tanh_max_backward_many(grad_squashed: list[torch.Tensor], grad_max: list[torch.Tensor], terms: list[WeightTerms],
+                           squashed: str) -> list[torch.Tensor]:
+    """:func:`tanh_max_backward` over a list of layers: ``terms`` hold ``max_abs`` and ``tanh(w)`` under the attribute
+    ``squashed``; the elements at the max, their count and ``sgn(tanh(w))`` are cached in the terms."""
+    tanh_w = [getattr(t, squashed) for t in terms]
+    ties = [t.lazy("ties", lambda t=t, s=s: max_ties(s, t.max_abs)) for t, s in zip(terms, tanh_w)]
+    per_tie = torch._foreach_div(grad_max, [count for _, count in ties])
+    shared = [torch.where(at_max, value, 0.0) for (at_max, _), value in zip(ties, per_tie)]
+    to_squashed = torch._foreach_mul(shared, [t.lazy("sign", lambda s=s: s.sgn()) for t, s in zip(terms, tanh_w)])
+    grad_squashed = torch._foreach_add(grad_squashed, to_squashed)
+    return [torch.ops.aten.tanh_backward(grad, s) for grad, s in zip(grad_squashed, tanh_w)]
+
+
 class _DoReFaTerms(WeightTerms):
     """The bit-width-independent terms of Eq. 9 for one version of a latent weight: ``E``, ``t``, ``max|t|``, and,
     when first needed, ``u``, the elements at the max and the backward pass's ``(t / D) / D`` factors (about
@@ -164,13 +177,7 @@ class _DoReFaTerms(WeightTerms):
             torch._foreach_neg_(grad_unit)
             torch._foreach_mul_(grad_unit, factors)
             grad_max = torch._foreach_mul([part.sum() for part in grad_unit], 2)
-        ties = [t.lazy("ties", lambda t=t: max_ties(t.normalized, t.max_abs)) for t in terms]
-        # tanh_max_backward over the list: the max's gradient shared among ties, |t|'s sign, then tanh's kernel
-        per_tie = torch._foreach_div(grad_max, [count for _, count in ties])
-        shared = [torch.where(at_max, value, 0.0) for (at_max, _), value in zip(ties, per_tie)]
-        to_normalized = torch._foreach_mul(shared, [t.lazy("sign", lambda t=t: t.normalized.sgn()) for t in terms])
-        grad_normalized = torch._foreach_add(grad_normalized, to_normalized)
-        return [torch.ops.aten.tanh_backward(grad, t.normalized) for grad, t in zip(grad_normalized, terms)]
+        return tanh_max_backward_many(grad_normalized, grad_max, terms, "normalized")
 
 
 class _CachedDoReFaWeight(TermsNode):

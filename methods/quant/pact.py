@@ -41,6 +41,10 @@ SHARED_KEY = "shared"
 
 def _clip(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """``min(relu(x), a)`` in one pass: ``clamp(x, 0, a)`` takes the same values (NaN included)."""
+    if torch.compiler.is_compiling():
+        # dynamo reads a tensor bound beside a Python one back to the host, a graph break at every call: two tensor
+        # bounds select the same values
+        return torch.clamp(x, torch.zeros_like(clip), clip)
     return torch.clamp(x, 0.0, clip)
 
 

@@ -57,12 +57,14 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.export import Codes, assign_tensors, take_prefixed, with_prefix
-from methods.quant.dorefa import FULL_PRECISION, max_ties, tanh_max_backward
+from methods.quant.dorefa import FULL_PRECISION, tanh_max_backward_many
 from methods.quant.modules import FLOAT_BITS, BitSwitchable, QuantizedSite, copy_weight_and_bias
 from methods.quant.pact import SwitchablePACT
-from methods.quant.version_cache import TermsNode, WeightTerms, quantize_with_terms
+from methods.quant.version_cache import TermsNode, WeightTerms, _stored, quantize_with_terms
+from methods.quant.weight_batch import take_batched
 from methods.quant.weight_cache import cached_in_eval
 
+SAT_TERMS = "sat_weight"  # the version cache's name for the terms below
 WeightBitsRule = Literal["same", "highest", "max8"]
 WEIGHT_BITS_RULES: tuple[str, ...] = ("same", "highest", "max8")
 WeightScheme = Literal["original", "centered"]
@@ -109,30 +111,48 @@ class _SATTerms(WeightTerms):
             self.normalized = self.squashed / self.max_abs
 
     def quantized(self, bits: int, scheme: str) -> torch.Tensor:
-        """:func:`sat_quantize_normalized` of ``w~``, the same float operations (bit for bit)."""
-        if bits >= FULL_PRECISION:
-            return self.normalized.clone()
-        steps = 2**bits
-        unit = self.lazy("unit", lambda: (self.normalized + 1) / 2)
-        # floor, clamp: the code the straight-through sum reproduces exactly (nested_quantize_unit)
-        code = (unit * steps).floor_().clamp_(max=steps - 1)
-        if scheme == "centered":
-            code.add_(0.5)
-        return code.div_(steps).mul_(2).sub_(1)
+        return self.quantized_many([self], bits, scheme)[0]
 
     def backward(self, grad_output: torch.Tensor, bits: int, scheme: str) -> torch.Tensor:
+        return self.backward_many([self], [grad_output], bits, scheme)[0]
+
+    @staticmethod
+    def quantized_many(terms: list[_SATTerms], bits: int, scheme: str) -> list[torch.Tensor]:
+        """:func:`sat_quantize_normalized` of each ``w~``, the same float operations (bit for bit); in list form for
+        :mod:`methods.quant.weight_batch` (a ``_foreach`` operation applies the plain one to each tensor)."""
+        if bits >= FULL_PRECISION:
+            return [t.normalized.clone() for t in terms]
+        steps = 2**bits
+        units = [t.lazy("unit", lambda t=t: (t.normalized + 1) / 2) for t in terms]
+        # floor, clamp: the code the straight-through sum reproduces exactly (nested_quantize_unit)
+        codes = torch._foreach_mul(units, steps)
+        torch._foreach_floor_(codes)
+        torch._foreach_clamp_max_(codes, steps - 1)
+        if scheme == "centered":
+            torch._foreach_add_(codes, 0.5)
+        torch._foreach_div_(codes, steps)
+        torch._foreach_mul_(codes, 2)
+        torch._foreach_sub_(codes, 1)
+        return codes
+
+    @staticmethod
+    def backward_many(terms: list[_SATTerms], grads: list[torch.Tensor], bits: int, scheme: str) -> list[torch.Tensor]:
         """Autograd's backward pass through the composition (``2 q - 1``, ``/ 2^b``, the straight-through code,
         ``* 2^b``, ``(w~ + 1) / 2``, ``s / M``, the max, ``|s|``, tanh), operation for operation, with the
         bit-width-independent factors read from the cache (the scheme's half step is a constant: no gradient)."""
-        s, max_abs = self.squashed, self.max_abs
-        grad_normalized = grad_output
+        grad_normalized = grads
         if bits < FULL_PRECISION:
             steps = 2**bits
-            grad_normalized = (((grad_output * 2) / steps) * steps) / 2
-        factor = self.lazy("max_factor", lambda: (s / max_abs) / max_abs)
-        grad_max = (-grad_normalized * factor).sum()
-        ties = self.lazy("ties", lambda: max_ties(s, max_abs))
-        return tanh_max_backward(grad_normalized / max_abs, grad_max, s, *ties)
+            grad_normalized = torch._foreach_mul(grads, 2)
+            torch._foreach_div_(grad_normalized, steps)
+            torch._foreach_mul_(grad_normalized, steps)
+            torch._foreach_div_(grad_normalized, 2)
+        factors = [t.lazy("max_factor", lambda t=t: (t.squashed / t.max_abs) / t.max_abs) for t in terms]
+        to_max = torch._foreach_neg(grad_normalized)
+        torch._foreach_mul_(to_max, factors)
+        grad_max = [part.sum() for part in to_max]
+        grad_squashed = torch._foreach_div(grad_normalized, [t.max_abs for t in terms])
+        return tanh_max_backward_many(grad_squashed, grad_max, terms, "squashed")
 
 
 class _CachedSATWeight(TermsNode):
@@ -152,7 +172,10 @@ def sat_weight(weight: torch.Tensor, bits: int, scheme: str = "original") -> tor
     (:mod:`methods.quant.version_cache`) and shared by every bit-width of a training step; under ``torch.compile``
     and with the cache off the composed formula runs, which gives the same bits."""
     check_weight_scheme(scheme)
-    return quantize_with_terms(weight, "sat_weight", _SATTerms, _CachedSATWeight, _composed_sat_weight, bits, scheme)
+    batched = take_batched(weight, SAT_TERMS, bits, scheme)
+    if batched is not None:  # computed with the network's other layers (methods.quant.weight_batch)
+        return batched
+    return quantize_with_terms(weight, SAT_TERMS, _SATTerms, _CachedSATWeight, _composed_sat_weight, bits, scheme)
 
 
 def sat_quantize_normalized(normalized: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:
@@ -236,6 +259,15 @@ class SATLayer(QuantizedSite, BitSwitchable):
         if self.stored_weights is not None:
             return self.stored_weights(self.weight_bits())
         return sat_weight(self.weight, self.weight_bits(), self.weight_scheme)
+
+    def batch_terms(self) -> tuple[str, WeightTerms, tuple] | None:
+        """What :mod:`methods.quant.weight_batch` needs to quantize this layer's weight with the network's others at
+        the current weight precision and scheme (None for a layer loaded from an export)."""
+        if self.stored_weights is not None:
+            return None
+        weight = self.weight
+        terms = _stored(weight, SAT_TERMS, lambda: _SATTerms(weight))
+        return SAT_TERMS, terms, (self.weight_bits(), self.weight_scheme)
 
     def set_bits(self, bits: int) -> None:
         if int(bits) not in self.bits_set:

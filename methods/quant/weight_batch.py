@@ -30,20 +30,21 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from methods.quant.version_cache import WeightTerms, _stored, _version_key, caching
 
-#: weight tensor -> (terms name, bit-width, weight version key, quantized weight) for the forward pass under way
+#: weight tensor -> (terms name, quantizer arguments, weight version key, quantized weight) for the pass under way
 _waiting: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _LAYERS_ATTRIBUTE = "_mbq_batched_weights"
 
 
 class BatchedTermsNode(torch.autograd.Function):
-    """The quantized weights of several layers at one bit-width, one output per layer; its backward pass gets every
-    layer's upstream gradient at once (None for a layer that took no part) and returns each weight's gradient."""
+    """The quantized weights of several layers under the same quantizer arguments (``args``: the bit-width, and a
+    scheme where the quantizer has one), one output per layer; its backward pass gets every layer's upstream
+    gradient at once (None for a layer that took no part) and returns each weight's gradient."""
 
     @staticmethod
-    def forward(ctx, terms: list[WeightTerms], bits: int, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, terms: list[WeightTerms], args: tuple, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.set_materialize_grads(False)  # a layer that did not run gets no gradient, not a zero one
-        ctx.terms, ctx.bits = terms, bits
-        return tuple(type(terms[0]).quantized_many(terms, bits))
+        ctx.terms, ctx.args = terms, args
+        return tuple(type(terms[0]).quantized_many(terms, *args))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
@@ -51,22 +52,23 @@ class BatchedTermsNode(torch.autograd.Function):
         results: list[torch.Tensor | None] = [None] * len(grads)
         if used:
             computed = type(ctx.terms[0]).backward_many([ctx.terms[i] for i in used], [grads[i] for i in used],
-                                                        ctx.bits)
+                                                        *ctx.args)
             for i, grad in zip(used, computed):
                 results[i] = grad
         return (None, None, *results)
 
 
-def take_batched(weight: torch.Tensor, name: Hashable, bits: int) -> torch.Tensor | None:
+def take_batched(weight: torch.Tensor, name: Hashable, *args) -> torch.Tensor | None:
     """The quantized ``weight`` the network's pre-hook computed for this forward pass, if it computed one for this
-    quantizer, bit-width and version of the weight and autograd is on; else None (the caller computes it)."""
+    quantizer (``name``), these arguments (the bit-width, ...) and version of the weight and autograd is on; else
+    None (the caller computes it)."""
     # checked first: dynamo cannot trace a weak dictionary's length, and a graph break in every quantized layer
     # would split a compiled network into one graph per layer
     if torch.compiler.is_compiling() or not _waiting:
         return None
     entry = _waiting.get(weight)
     # another call on the same weight (EMQ's 32-bit reference statistics, without gradient) leaves it waiting
-    if entry is None or not torch.is_grad_enabled() or entry[:2] != (name, bits):
+    if entry is None or not torch.is_grad_enabled() or entry[:2] != (name, args):
         return None
     del _waiting[weight]
     return entry[3] if entry[2] == _version_key(weight) else None
@@ -82,10 +84,10 @@ def register_batchable(quantizer: Callable, name: Hashable, terms_class: type[We
     _batchable[quantizer] = (name, terms_class)
 
 
-def batch_terms(quantizer: object, weight: torch.Tensor, bits: int) -> tuple[Hashable, WeightTerms] | None:
-    """``(name, terms)`` for quantizing ``weight`` with ``quantizer`` at ``bits`` in a batch, or None: a registered
-    quantizer function gives its cached terms; a quantizer object may answer through its own ``batch_terms``
-    method (a wrapper such as EMQ's bias correction, whose terms hold its base quantizer's)."""
+def batch_terms(quantizer: object, weight: torch.Tensor, bits: int) -> tuple[Hashable, WeightTerms, tuple] | None:
+    """``(name, terms, args)`` for quantizing ``weight`` with ``quantizer`` at ``bits`` in a batch, or None: a
+    registered quantizer function gives its cached terms and ``(bits,)``; a quantizer object may answer through its
+    own ``batch_terms`` method (a wrapper such as EMQ's bias correction, whose terms hold its base quantizer's)."""
     own = getattr(quantizer, "batch_terms", None)
     if own is not None:
         return own(weight, bits)
@@ -93,12 +95,13 @@ def batch_terms(quantizer: object, weight: torch.Tensor, bits: int) -> tuple[Has
         name, terms_class = _batchable[quantizer]
     except (KeyError, TypeError):  # not registered, or not hashable
         return None
-    return name, _stored(weight, name, functools.partial(terms_class, weight))
+    return name, _stored(weight, name, functools.partial(terms_class, weight)), (bits,)
 
 
 def batch_weights(model: nn.Module) -> nn.Module:
     """Have ``model``'s training forward passes quantize, in one node per quantizer and bit-width, the weights of
-    every layer whose ``weight_quantizer`` :func:`batch_terms` can batch. The hooks hold no layer, so deep copies
+    every layer whose ``weight_quantizer`` :func:`batch_terms` can batch, or that answers ``batch_terms()`` itself
+    (AdaBits' SAT layers, whose weight precision and scheme are their own). The hooks hold no layer, so deep copies
     and pickles of ``model`` keep working. Returns ``model``."""
     model.register_forward_pre_hook(_quantize_together)
     # always: a forward pass that raises would otherwise leave its entries, whose graphs keep their weights alive
@@ -109,24 +112,25 @@ def batch_weights(model: nn.Module) -> nn.Module:
 def _quantize_together(model: nn.Module, args) -> None:
     if not model.training or not torch.is_grad_enabled():
         return
-    groups: dict[tuple[Hashable, int], tuple[list[torch.Tensor], list[WeightTerms]]] = {}
+    groups: dict[tuple[Hashable, tuple], tuple[list[torch.Tensor], list[WeightTerms]]] = {}
     for layer in model.modules():
         quantizer, weight = getattr(layer, "weight_quantizer", None), getattr(layer, "weight", None)
-        if quantizer is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
+        own = getattr(layer, "batch_terms", None)
+        if (quantizer is None and own is None) or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
             continue
         if not caching(weight):
             return  # compiling, inference mode or the cache switched off: every layer computes its own
-        bits = int(layer.bits)
-        found = batch_terms(quantizer, weight, bits)
+        found = own() if own is not None else batch_terms(quantizer, weight, int(layer.bits))
         if found is not None:
-            weights, terms = groups.setdefault((found[0], bits), ([], []))
+            name, terms, args = found
+            weights, group = groups.setdefault((name, args), ([], []))
             weights.append(weight)
-            terms.append(found[1])
+            group.append(terms)
     weights_taken = []
-    for (name, bits), (weights, terms) in groups.items():
-        outputs = BatchedTermsNode.apply(terms, bits, *weights)
+    for (name, args), (weights, terms) in groups.items():
+        outputs = BatchedTermsNode.apply(terms, args, *weights)
         for weight, quantized in zip(weights, outputs):
-            _waiting[weight] = (name, bits, _version_key(weight), quantized)
+            _waiting[weight] = (name, args, _version_key(weight), quantized)
         weights_taken += weights
     model.__dict__[_LAYERS_ATTRIBUTE] = weights_taken
 

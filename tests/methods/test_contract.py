@@ -68,3 +68,18 @@ def test_config_round_trips_through_json(method_and_model):
     method, _ = method_and_model
     cfg = method.cfg
     assert type(cfg).from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_methods_training_network_traces_as_one_graph(name):
+    """``--compile`` gets one graph per bit-width: a graph break splits it and runs the pieces in between eagerly
+    (AdaBits' clipping read its bound back to the host at every activation: 22 breaks in a resnet8)."""
+    from harness.data import DatasetInfo
+
+    torch._dynamo.reset()
+    method = get_method(name)()
+    model = method.build("resnet8", 10, (2, 4, 8), DatasetInfo("trace", 10, 3, 8, (0.5,) * 3, (0.25,) * 3, "none"),
+                         0.5)
+    model.train()
+    explanation = torch._dynamo.explain(model)(torch.rand(4, 3, 8, 8))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons[:1]

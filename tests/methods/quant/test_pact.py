@@ -135,3 +135,14 @@ def test_fused_quantizer_saves_only_its_input():
 
     assert saved_numel(pact_quantize) == 800 + 1  # x and the scalar alpha
     assert saved_numel(pact_quantize_reference) >= 3 * 800
+
+
+def test_the_clip_under_compile_selects_the_same_values_as_in_eager(monkeypatch):
+    from methods.quant.pact import _clip
+
+    x = torch.tensor([float("nan"), float("-inf"), -1.0, -0.0, 0.0, 1e-30, 0.3, 0.75, 0.7500001, 2.0, float("inf")])
+    clip = torch.tensor(0.75)
+    eager = _clip(x, clip)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced_form = _clip(x, clip)
+    assert torch.equal(eager.view(torch.int32), traced_form.view(torch.int32))  # bit patterns, NaN and -0 included

@@ -16,7 +16,7 @@ from methods.quant import weight_batch
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.dorefa import DOREFA_TERMS, _DoReFaTerms, _DoReFaWeight, dorefa_weight
 from methods.quant.modules import QuantConv2d
-from methods.quant.sat import sat_weight
+from methods.quant.sat import SAT_TERMS, SATConv2d, SATStoredWeights, _SATTerms, sat_weight
 from methods.quant.version_cache import version_cache_disabled
 from tests.methods.quant.test_version_cache import assert_same_states, same_bits, train_two_steps, two_step_setup
 
@@ -38,7 +38,7 @@ def test_batched_node_gives_each_layer_the_single_layer_nodes_bits_forward_and_b
     upstream[1].view(-1)[3] = -0.0  # a signed zero upstream stays one
     batched_weights, single_weights, uncached_weights = latent_weights(), latent_weights(), latent_weights()
     terms = [_DoReFaTerms(w) for w in batched_weights]
-    outputs = weight_batch.BatchedTermsNode.apply(terms, bits, *batched_weights)
+    outputs = weight_batch.BatchedTermsNode.apply(terms, (bits,), *batched_weights)
     torch.autograd.backward(outputs, upstream)
     for i, grad in enumerate(upstream):
         single = dorefa_weight(single_weights[i], bits)
@@ -52,7 +52,7 @@ def test_batched_node_gives_each_layer_the_single_layer_nodes_bits_forward_and_b
 
 def test_a_layer_without_upstream_gradient_gets_none_and_the_others_theirs():
     weights = latent_weights()
-    outputs = weight_batch.BatchedTermsNode.apply([_DoReFaTerms(w) for w in weights], 4, *weights)
+    outputs = weight_batch.BatchedTermsNode.apply([_DoReFaTerms(w) for w in weights], (4,), *weights)
     (outputs[0].sum() + outputs[2].sum()).backward()
     assert weights[0].grad is not None and weights[2].grad is not None and weights[1].grad is None
     alone = latent_weights()[2]
@@ -80,13 +80,14 @@ def count_taken(monkeypatch) -> list[bool]:
     taken = []
     real = weight_batch.take_batched
 
-    def spy(weight, name, bits):
-        result = real(weight, name, bits)
+    def spy(weight, name, *args):
+        result = real(weight, name, *args)
         taken.append(result is not None)
         return result
 
     monkeypatch.setattr("methods.quant.dorefa.take_batched", spy)
     monkeypatch.setattr("methods.quant.bias_correction.take_batched", spy)
+    monkeypatch.setattr("methods.quant.sat.take_batched", spy)
     return taken
 
 
@@ -131,10 +132,10 @@ def test_nothing_is_batched_where_no_gradient_is_taken_or_the_cache_is_off(conte
 
 def test_a_waiting_weight_is_taken_only_at_its_bit_width_version_and_with_gradient():
     weight = latent_weights()[0]
-    quantized = weight_batch.BatchedTermsNode.apply([_DoReFaTerms(weight)], 4, weight)[0]
+    quantized = weight_batch.BatchedTermsNode.apply([_DoReFaTerms(weight)], (4,), weight)[0]
 
     def wait(bits=4):
-        weight_batch._waiting[weight] = (DOREFA_TERMS, bits, weight_batch._version_key(weight), quantized)
+        weight_batch._waiting[weight] = (DOREFA_TERMS, (bits,), weight_batch._version_key(weight), quantized)
 
     wait()
     assert weight_batch.take_batched(weight, DOREFA_TERMS, 2) is None  # another bit-width: left waiting
@@ -167,10 +168,10 @@ def test_copies_and_pickles_batch_their_own_layers(monkeypatch):
 
 def test_batch_terms_cover_dorefa_alone_and_under_bias_correction_and_nothing_else():
     weight = latent_weights()[0]
-    name, terms = weight_batch.batch_terms(dorefa_weight, weight, 4)
-    assert name == DOREFA_TERMS and isinstance(terms, _DoReFaTerms)
+    name, terms, args = weight_batch.batch_terms(dorefa_weight, weight, 4)
+    assert name == DOREFA_TERMS and isinstance(terms, _DoReFaTerms) and args == (4,)
     corrected = BiasCorrectedQuantizer(dorefa_weight, "per_channel")
-    name, wrapped = weight_batch.batch_terms(corrected, weight, 4)
+    name, wrapped, _ = weight_batch.batch_terms(corrected, weight, 4)
     assert name == ("bias_corrected", dorefa_weight, "per_channel") and wrapped.base is terms  # the cached terms
     assert weight_batch.batch_terms(corrected, weight, 32)[0] == DOREFA_TERMS  # no correction at 32 bits
     assert weight_batch.batch_terms(BiasCorrectedQuantizer(sat_weight), weight, 4) is None
@@ -184,7 +185,7 @@ def test_bias_corrected_batch_gives_the_per_layer_bits_forward_and_backward(gran
     upstream = [torch.randn(shape) for shape in SHAPES]
     batched_weights, single_weights = latent_weights(), latent_weights()
     found = [weight_batch.batch_terms(quantizer, w, bits) for w in batched_weights]
-    outputs = weight_batch.BatchedTermsNode.apply([terms for _, terms in found], bits, *batched_weights)
+    outputs = weight_batch.BatchedTermsNode.apply([terms for _, terms, _ in found], (bits,), *batched_weights)
     torch.autograd.backward(outputs, upstream)
     for i, grad in enumerate(upstream):
         with version_cache_disabled():
@@ -204,10 +205,10 @@ def remove_batching_hooks(model: nn.Module) -> None:
     assert removed >= 2
 
 
-@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq"])
+@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq", "adabits"])
 def test_methods_train_the_same_bits_with_and_without_the_batch(name, monkeypatch):
     taken = count_taken(monkeypatch)
-    bits = (2, 4, 8, 32) if name != "emq" else (2, 4, 8)
+    bits = (2, 4, 8) if name == "emq" else (2, 4, 8, 32)
     method, initial, batches, ctx = two_step_setup(name, bits)
     batched = train_two_steps(method, copy.deepcopy(initial), batches, ctx)
     assert taken.count(True) >= 2 * len(bits)  # every step's forward passes took batched weights
@@ -263,7 +264,7 @@ def test_the_backward_pass_skips_frozen_weights(monkeypatch):
     monkeypatch.setattr(_DoReFaTerms, "backward_many", staticmethod(spy))
     weights = latent_weights()
     weights[1].requires_grad_(False)
-    outputs = weight_batch.BatchedTermsNode.apply([_DoReFaTerms(w) for w in weights], 4, *weights)
+    outputs = weight_batch.BatchedTermsNode.apply([_DoReFaTerms(w) for w in weights], (4,), *weights)
     sum(o.sum() for o in outputs).backward()
     assert sizes == [[weights[0].shape, weights[2].shape]]  # the frozen layer's gradient is not computed
     assert weights[1].grad is None and weights[0].grad is not None
@@ -274,3 +275,32 @@ def test_a_compiled_network_traces_without_graph_breaks():
     model = weight_batch.batch_weights(TwoPaths())
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 6, 6))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("scheme", ["original", "centered"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 32])
+def test_sat_batch_gives_the_single_layer_and_composed_bits_forward_and_backward(bits, scheme):
+    upstream = [torch.randn(shape) for shape in SHAPES]
+    upstream[2].view(-1)[5] = float("inf")  # a non-finite upstream stays where it was
+    batched_weights, single_weights, composed_weights = latent_weights(), latent_weights(), latent_weights()
+    outputs = weight_batch.BatchedTermsNode.apply([_SATTerms(w) for w in batched_weights], (bits, scheme),
+                                                  *batched_weights)
+    torch.autograd.backward(outputs, upstream)
+    for i, grad in enumerate(upstream):
+        single = sat_weight(single_weights[i], bits, scheme)
+        single.backward(grad)
+        with version_cache_disabled():  # the composed formula
+            composed = sat_weight(composed_weights[i], bits, scheme)
+        composed.backward(grad)
+        assert same_bits(outputs[i].detach(), single.detach()) and same_bits(single.detach(), composed.detach())
+        assert same_bits(batched_weights[i].grad, single_weights[i].grad)
+        assert same_bits(single_weights[i].grad, composed_weights[i].grad)
+
+
+def test_sat_layers_answer_their_own_weight_precision_and_scheme_and_exported_ones_nothing():
+    layer = SATConv2d(4, 4, 3, bits_set=(2, 4, 8), weight_bits_rule="max8", weight_scheme="centered")
+    layer.set_bits(2)
+    name, terms, args = layer.batch_terms()
+    assert name == SAT_TERMS and isinstance(terms, _SATTerms) and args == (8, "centered")
+    layer.stored_weights = SATStoredWeights(torch.zeros(4, 4, 3, 3, dtype=torch.long), 8, "centered")
+    assert layer.batch_terms() is None
