@@ -146,3 +146,18 @@ def test_the_clip_under_compile_selects_the_same_values_as_in_eager(monkeypatch)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     traced_form = _clip(x, clip)
     assert torch.equal(eager.view(torch.int32), traced_form.view(torch.int32))  # bit patterns, NaN and -0 included
+
+
+def test_the_compiled_forms_give_the_eager_values_and_gradients_for_finite_inputs(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(64), torch.tensor([0.0, -0.0, 0.75, 1.5])])
+    upstream = torch.randn_like(x)
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
+        leaf, alpha = x.clone().requires_grad_(), torch.tensor(0.75, requires_grad=True)
+        out = pact_quantize(leaf, alpha, 3)
+        out.backward(upstream)
+        results.append((out.detach(), leaf.grad, alpha.grad))
+    for eager, traced_form in zip(*results):
+        assert torch.equal(eager, traced_form)
