@@ -98,10 +98,9 @@ def tanh_max_backward(grad_normalized: torch.Tensor, grad_max: torch.Tensor, nor
 
 
 def tanh_max_backward_many(grad_squashed: list[torch.Tensor], grad_max: list[torch.Tensor], terms: list[WeightTerms],
-                           squashed: str) -> list[torch.Tensor]:
-    """:func:`tanh_max_backward` over a list of layers: ``terms`` hold ``max_abs`` and ``tanh(w)`` under the attribute
-    ``squashed``; the elements at the max, their count and ``sgn(tanh(w))`` are cached in the terms."""
-    tanh_w = [getattr(t, squashed) for t in terms]
+                           tanh_w: list[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`tanh_max_backward` over a list of layers with ``tanh(w)`` each; ``terms`` hold ``max_abs``, and the
+    elements at the max, their count and ``sgn(tanh(w))`` are cached in them."""
     ties = [t.lazy("ties", lambda t=t, s=s: max_ties(s, t.max_abs)) for t, s in zip(terms, tanh_w)]
     per_tie = torch._foreach_div(grad_max, [count for _, count in ties])
     shared = [torch.where(at_max, value, 0.0) for (at_max, _), value in zip(ties, per_tie)]
@@ -177,7 +176,7 @@ class _DoReFaTerms(WeightTerms):
             torch._foreach_neg_(grad_unit)
             torch._foreach_mul_(grad_unit, factors)
             grad_max = torch._foreach_mul([part.sum() for part in grad_unit], 2)
-        return tanh_max_backward_many(grad_normalized, grad_max, terms, "normalized")
+        return tanh_max_backward_many(grad_normalized, grad_max, terms, [t.normalized for t in terms])
 
 
 class _CachedDoReFaWeight(TermsNode):

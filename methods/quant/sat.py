@@ -60,7 +60,7 @@ from harness.export import Codes, assign_tensors, take_prefixed, with_prefix
 from methods.quant.dorefa import FULL_PRECISION, tanh_max_backward_many
 from methods.quant.modules import FLOAT_BITS, BitSwitchable, QuantizedSite, copy_weight_and_bias
 from methods.quant.pact import SwitchablePACT
-from methods.quant.version_cache import TermsNode, WeightTerms, _stored, quantize_with_terms
+from methods.quant.version_cache import TermsNode, WeightTerms, cached_terms, quantize_with_terms
 from methods.quant.weight_batch import take_batched
 from methods.quant.weight_cache import cached_in_eval
 
@@ -152,7 +152,7 @@ class _SATTerms(WeightTerms):
         torch._foreach_mul_(to_max, factors)
         grad_max = [part.sum() for part in to_max]
         grad_squashed = torch._foreach_div(grad_normalized, [t.max_abs for t in terms])
-        return tanh_max_backward_many(grad_squashed, grad_max, terms, "squashed")
+        return tanh_max_backward_many(grad_squashed, grad_max, terms, [t.squashed for t in terms])
 
 
 class _CachedSATWeight(TermsNode):
@@ -265,9 +265,7 @@ class SATLayer(QuantizedSite, BitSwitchable):
         the current weight precision and scheme (None for a layer loaded from an export)."""
         if self.stored_weights is not None:
             return None
-        weight = self.weight
-        terms = _stored(weight, SAT_TERMS, lambda: _SATTerms(weight))
-        return SAT_TERMS, terms, (self.weight_bits(), self.weight_scheme)
+        return SAT_TERMS, cached_terms(self.weight, SAT_TERMS, _SATTerms), (self.weight_bits(), self.weight_scheme)
 
     def set_bits(self, bits: int) -> None:
         if int(bits) not in self.bits_set:

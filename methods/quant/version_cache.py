@@ -138,8 +138,13 @@ def quantize_with_terms(weight: torch.Tensor, name: Hashable, terms_class: type[
     formula) instead."""
     if not caching(weight):
         return uncached(weight, *args)
-    terms = _stored(weight, name, lambda: terms_class(weight))
-    return node.apply(weight, terms, *args)
+    return node.apply(weight, cached_terms(weight, name, terms_class), *args)
+
+
+def cached_terms(weight: torch.Tensor, name: Hashable, terms_class: type[WeightTerms]) -> WeightTerms:
+    """``terms_class(weight)``, built once per version of ``weight`` and kept under ``name`` (the caller has checked
+    :func:`caching`)."""
+    return _stored(weight, name, lambda: terms_class(weight))
 
 
 def cached_entries(tensor: torch.Tensor) -> tuple[Hashable, ...]:

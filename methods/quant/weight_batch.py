@@ -21,14 +21,13 @@ and wherever no gradient is taken (evaluation has its own cache, :mod:`methods.q
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Hashable
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from methods.quant.version_cache import WeightTerms, _stored, _version_key, caching
+from methods.quant.version_cache import WeightTerms, _version_key, cached_terms, caching
 
 #: weight tensor -> (terms name, quantizer arguments, weight version key, quantized weight) for the pass under way
 _waiting: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -95,7 +94,7 @@ def batch_terms(quantizer: object, weight: torch.Tensor, bits: int) -> tuple[Has
         name, terms_class = _batchable[quantizer]
     except (KeyError, TypeError):  # not registered, or not hashable
         return None
-    return name, _stored(weight, name, functools.partial(terms_class, weight)), (bits,)
+    return name, cached_terms(weight, name, terms_class), (bits,)
 
 
 def batch_weights(model: nn.Module) -> nn.Module:
