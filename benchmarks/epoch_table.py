@@ -44,6 +44,7 @@ from harness.data import DATASETS, load_dataset
 from harness.errors import MbqError
 from harness.imageset import DataBundle, DatasetInfo, TensorImageSet
 from harness.method_config import parse_method_spec
+from harness.store import atomic_write_text
 from harness.train import instantiate, resolve_device, run_cell
 
 CIFAR_SIZE = "cifar-size"
@@ -266,13 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     def write(rows: list[Timing]) -> None:
         if out is None:
             return
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(markdown(rows, header))
-        if not args.jsonl:
-            return
-        with out.with_suffix(".jsonl").open("w") as jsonl:
-            for row in rows:
-                jsonl.write(json.dumps({**dataclasses.asdict(row), **header}) + "\n")
+        # rewritten after every cell: atomically, so that a run stopped mid-write leaves the last whole table
+        atomic_write_text(out, markdown(rows, header))
+        if args.jsonl:
+            atomic_write_text(out.with_suffix(".jsonl"),
+                              "".join(json.dumps({**dataclasses.asdict(row), **header}) + "\n" for row in rows))
 
     rows = run_table(cells, bundles, device=str(device), bits=args.bits, batch_size=args.batch_size,
                      model=args.model, budget_seconds=args.budget_seconds, on_row=write)
