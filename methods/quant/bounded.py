@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from methods.quant.kernels import bounded_backward, bounded_forward, fusable
+
 WEIGHT_BITS = 2
 # Keeps (x - l) / (u - l) finite if a bound pair collapses (e.g. a dead input whose std is 0).
 MIN_BOUND_GAP = 1e-8
@@ -41,11 +43,11 @@ def inclusive_unit_mask_backward(grad: torch.Tensor, normalized: torch.Tensor) -
     clamp and a ``torch.where`` (four passes, two of them slow on CPU), this takes 40-60 % off the backward pass of
     a large activation.
     """
-    info = torch.finfo(normalized.dtype)
+    below, above = _unit_bounds(normalized.dtype)
     # written in n's memory layout, as torch.where over a mask of n writes it: a weight's gradient arrives in the
     # convolution's layout, and a result in another layout changes the summation order of what consumes it
     out = torch.empty_like(normalized)
-    return torch.ops.aten.hardtanh_backward.grad_input(grad, normalized, -info.tiny, 1.0 + info.eps, grad_input=out)
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, normalized, below, above, grad_input=out)
 
 
 class _BoundedQuantize(torch.autograd.Function):
@@ -63,9 +65,14 @@ class _BoundedQuantize(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int,
                 delta: float) -> torch.Tensor:
         inverse_gap = 1.0 / (upper - lower).clamp_min(MIN_BOUND_GAP)
+        ctx.levels, ctx.delta = levels, delta
+        fused = _fused_forward(x, lower, inverse_gap, levels)
+        if fused is not None:
+            normalized, quantized = fused
+            ctx.save_for_backward(normalized, lower, upper, inverse_gap)
+            return quantized
         normalized = (x - lower).mul_(inverse_gap)
         ctx.save_for_backward(normalized, lower, upper, inverse_gap)
-        ctx.levels, ctx.delta = levels, delta
         # in place after the clamp's fresh output: the same float operations as round(clamp(n) L) / L, one buffer
         return normalized.clamp(0.0, 1.0).mul_(levels).round_().div_(levels)
 
@@ -73,20 +80,60 @@ class _BoundedQuantize(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         normalized, lower, upper, inverse_gap = ctx.saved_tensors
         grad_unit = grad_output
-        if ctx.delta:
-            unit = normalized.clamp(0.0, 1.0)
-            error = unit - torch.round(unit * ctx.levels) / ctx.levels
-            grad_unit = grad_output * (1 + ctx.delta * torch.sign(grad_output) * error)
-        grad_normalized = inclusive_unit_mask_backward(grad_unit * inverse_gap, normalized)
+        fused = None if ctx.delta else _fused_backward(normalized, inverse_gap, grad_output)
+        if fused is not None:
+            grad_normalized, grad_times_normalized = fused
+        else:
+            if ctx.delta:
+                unit = normalized.clamp(0.0, 1.0)
+                error = unit - torch.round(unit * ctx.levels) / ctx.levels
+                grad_unit = grad_output * (1 + ctx.delta * torch.sign(grad_output) * error)
+            grad_normalized = inclusive_unit_mask_backward(grad_unit * inverse_gap, normalized)
         grad_x = grad_normalized if ctx.needs_input_grad[0] else None
         grad_lower = grad_upper = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # dn/dl = (n - 1) / (u - l) and dn/du = -n / (u - l); the n-terms vanish where the gap is clamped.
             gap = upper - lower
-            weighted = (grad_normalized * normalized).sum_to_size(gap.shape) * (gap >= MIN_BOUND_GAP)
+            if fused is None:
+                grad_times_normalized = grad_normalized * normalized
+            weighted = grad_times_normalized.sum_to_size(gap.shape) * (gap >= MIN_BOUND_GAP)
             grad_lower = (weighted - grad_normalized.sum_to_size(gap.shape)).sum_to_size(lower.shape)
             grad_upper = (-weighted).sum_to_size(upper.shape)
         return grad_x, grad_lower, grad_upper, None, None
+
+
+def _unit_bounds(dtype: torch.dtype) -> tuple[float, float]:
+    """:func:`inclusive_unit_mask_backward`'s bounds: one representable step outside 0 and 1."""
+    info = torch.finfo(dtype)
+    return -info.tiny, 1.0 + info.eps
+
+
+def _fused_forward(x: torch.Tensor, lower: torch.Tensor, inverse_gap: torch.Tensor,
+                   levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``n`` and its quantized value as one compiled loop (:mod:`methods.quant.kernels`), or None where the kernel
+    does not apply. ``n`` must be in ``x``'s layout, as the eager ``x - l`` writes it: the backward pass's sums over
+    it add in memory order."""
+    if not fusable(x, bounded_forward) or lower.dtype != x.dtype or inverse_gap.dtype != x.dtype:
+        return None
+    fused = bounded_forward(x, lower, inverse_gap, float(levels))
+    if fused is None or fused[0].stride() != x.stride() or fused[1].stride() != x.stride():
+        return None
+    return fused
+
+
+def _fused_backward(normalized: torch.Tensor, inverse_gap: torch.Tensor,
+                    grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The straight-through gradient at ``n`` and its product with ``n`` as one compiled loop, or None where the
+    kernel does not apply (the upstream gradient in another layout than ``n``'s: the eager mask writes in ``n``'s
+    layout, and the bounds' sums add in memory order)."""
+    if (torch.is_grad_enabled() or not fusable(normalized, bounded_backward)
+            or grad_output.stride() != normalized.stride() or grad_output.dtype != normalized.dtype
+            or inverse_gap.dtype != normalized.dtype):
+        return None
+    fused = bounded_backward(normalized, inverse_gap, grad_output, *_unit_bounds(normalized.dtype))
+    if fused is None or fused[0].stride() != normalized.stride() or fused[1].stride() != normalized.stride():
+        return None
+    return fused
 
 
 def bounded_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int,

@@ -33,6 +33,7 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.export import assign_tensors
 from methods.quant.dorefa import FULL_PRECISION
+from methods.quant.kernels import fusable, pact_backward, pact_forward
 from methods.quant.modules import FLOAT_BITS, BitSwitchable
 from methods.quant.ste import round_ste
 
@@ -58,6 +59,10 @@ class _PACTQuantize(torch.autograd.Function):
         clip = alpha.abs()
         ctx.save_for_backward(x, alpha)
         ctx.levels = levels
+        if fusable(x, pact_forward) and clip.dtype == x.dtype:
+            fused = pact_forward(x, clip, float(levels))  # one pass (methods.quant.kernels), the same bits
+            if fused is not None:
+                return fused
         scaled = _clip(x, clip).div_(clip).mul_(levels)
         return scaled.round_().div_(levels).mul_(clip)
 
@@ -67,6 +72,10 @@ class _PACTQuantize(torch.autograd.Function):
         clip = alpha.abs()
         levels = ctx.levels
         grad_x = grad_alpha = None
+        fused = _fused_backward(x, clip, grad_output, levels) if all(ctx.needs_input_grad[:2]) else None
+        if fused is not None:
+            grad_x, product = fused
+            return grad_x, product.sum().reshape(alpha.shape) * alpha.sgn(), None
         if ctx.needs_input_grad[0] and torch.compiler.is_compiling():
             # the mask product inductor fuses well; the same values for a finite upstream (a signed zero aside),
             # where the eager passes below keep an infinite one local
@@ -82,6 +91,20 @@ class _PACTQuantize(torch.autograd.Function):
             dy_da = (torch.round(scaled) - scaled).div_(levels).add_(x >= clip)
             grad_alpha = (grad_output * dy_da).sum().reshape(alpha.shape) * alpha.sgn()
         return grad_x, grad_alpha, None
+
+
+def _fused_backward(x: torch.Tensor, clip: torch.Tensor, grad_output: torch.Tensor,
+                    levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Both gradients' elementwise passes as one compiled loop (:mod:`methods.quant.kernels`), or None where the
+    kernel does not apply. ``g dy/da`` must come out in the layout the eager product has (that of ``x`` and ``g``,
+    required to agree): its sum adds the elements in memory order."""
+    if (torch.is_grad_enabled() or not fusable(x, pact_backward) or grad_output.stride() != x.stride()
+            or clip.dtype != x.dtype or grad_output.dtype != x.dtype):
+        return None
+    fused = pact_backward(x, clip, grad_output, float(levels))
+    if fused is None or fused[1].stride() != x.stride():
+        return None
+    return fused
 
 
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:

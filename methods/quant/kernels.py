@@ -1,0 +1,152 @@
+"""Compiled elementwise kernels for the quantizers with the longest elementwise chains: one pass over memory where
+eager PyTorch makes one per operation.
+
+PACT (AdaBits' activations) makes six passes over an activation forward (clip, scale, round, unscale, rescale)
+and about ten backward (two masks, the recomputed scaling, rounding error, the clip mask, the product with the
+upstream gradient), each with a full-size output; MBQuant's bounded quantizer makes five forward and three
+backward. These kernels are the same formulas written for ``torch.compile`` (inductor: one C++/OpenMP loop on the
+CPU), with the same float operations in the same order on the same values, so their results have the same bits as
+the eager formulas'; reductions (a bound's or a clipping level's gradient) stay eager, over the same elementwise
+products in the same memory order. Clamps are written as ``torch.where`` selections, which pass a ``-0.0`` and a
+NaN through as the eager clamp does (inductor's ``maximum`` turns ``-0.0`` into ``0.0``); the tests compare bit
+patterns (``tests/methods/quant/test_kernels.py``). Inductor compiles with ``-ffp-contract=off`` and without
+reciprocal or reassociating math, which is what keeps a product and a division each one IEEE operation.
+
+A kernel runs (:func:`fusable`) on float32 CPU tensors of at least its ``min_elements`` (below that, the compiled
+call's fixed cost exceeds the passes it saves), dense in some memory format, outside ``torch.compile`` (a compiled
+network fuses the formula itself). Not on CUDA: inductor's Triton code for a float division is not the IEEE
+division of the eager kernel, so the bits are not guaranteed there. DoReFa's activation quantizer has no kernel:
+its eager form is one ``hardtanh`` node with three in-place passes and a C++ backward, and a compiled forward in an
+autograd function (a Python backward) was no faster (fwd + bwd of a 128 x 16 x 16 x 16 activation: 691 us eager,
+767 us compiled).
+
+The first call of a kernel compiles it (seconds, once per process; inductor caches the C++ on disk). If compiling
+or running a kernel fails (no C++ compiler, for one), one warning is given and the eager formulas, which compute
+the same values, serve for the rest of the process. ``MBQ_FUSED_KERNELS=0`` in the environment, or
+:func:`fused_kernels`, switches the kernels off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+
+ENVIRONMENT_SWITCH = "MBQ_FUSED_KERNELS"
+#: the smallest activations the kernels run on, from whole training steps (ResNet-20, batch 128, bits 2,4,8, 2 Xeon
+#: cores, kernels on against off in alternating processes): at 32x32 inputs (activations of 0.5M to 2M elements)
+#: an AdaBits step went from 1.61-1.65 to 1.31-1.32 full-precision steps per bit-width and an MBQuant step from
+#: 2,619-2,713 to 2,343-2,452 ms; at 8x8 inputs (32K to 131K elements) the kernels made neither faster (MBQuant's
+#: step 3.5-3.6 against 3.8-4.0: its broadcast bounds make the compiled loop index per element), so they stop there
+PACT_MIN_ELEMENTS = 1 << 19
+BOUNDED_MIN_ELEMENTS = 1 << 20
+
+
+class _Settings:
+    enabled: bool = os.environ.get(ENVIRONMENT_SWITCH, "1") != "0"
+    min_elements: int | None = None  # overrides every kernel's own (tests)
+    failure: str | None = None  # why the kernels stopped, after a failure
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool = True, min_elements: int | None = None) -> Iterator[None]:
+    """Switch the kernels on or off inside the block (``min_elements``: the size from which every kernel runs, in
+    place of its own)."""
+    previous = _Settings.enabled, _Settings.min_elements
+    _Settings.enabled = enabled
+    _Settings.min_elements = min_elements if min_elements is not None else previous[1]
+    try:
+        yield
+    finally:
+        _Settings.enabled, _Settings.min_elements = previous
+
+
+class CompiledKernel:
+    """``formula`` compiled on first use, for any shape (``dynamic=True``: one compile per rank, memory format and
+    pattern of size-1 dimensions, not per size), used from ``min_elements`` elements on. Calling it returns the
+    formula's result, or None: for that call, once dynamo's limit of compiled variants of the formula is reached
+    (each variant already compiled keeps running); for the rest of the process, after any other failure (see the
+    module docstring)."""
+
+    def __init__(self, formula: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], min_elements: int) -> None:
+        self.formula = formula
+        self.min_elements = min_elements
+        self._compiled: Callable | None = None
+
+    def __call__(self, *args):
+        if _Settings.failure is not None:
+            return None
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.formula, dynamic=True, fullgraph=True)
+            return self._compiled(*args)
+        except Exception as error:  # noqa: BLE001 (any failure to compile: the eager formula computes the same)
+            from torch._dynamo.exc import FailOnRecompileLimitHit  # here, not at import: loading dynamo takes 1 s
+
+            if isinstance(error, FailOnRecompileLimitHit):  # one variant more than dynamo keeps: this call eager
+                return None
+            _Settings.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+            warnings.warn(f"compiled quantizer kernels are off for this process ({_Settings.failure}); the eager "
+                          f"formulas give the same values, more slowly", RuntimeWarning, stacklevel=2)
+            return None
+
+
+def fusable(x: torch.Tensor, kernel: CompiledKernel) -> bool:
+    """Whether ``kernel`` runs on ``x`` (else the caller's eager formula, which gives the same bits)."""
+    if torch.compiler.is_compiling() or not _Settings.enabled or _Settings.failure is not None:
+        return False
+    min_elements = kernel.min_elements if _Settings.min_elements is None else _Settings.min_elements
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= min_elements
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
+
+
+def _unit_clamp(x: torch.Tensor) -> torch.Tensor:
+    """``clamp(x, 0, 1)`` as eager torch computes it, signed zero and NaN included."""
+    return torch.where(x < 0, 0.0, torch.where(x > 1, 1.0, x))
+
+
+def _clip_between(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """``clamp(x, 0, a)`` with a tensor ``a > 0`` as eager torch computes it, signed zero and NaN included."""
+    return torch.where(x < 0, 0.0, torch.where(x > clip, clip, x))
+
+
+def _pact_forward(x: torch.Tensor, clip: torch.Tensor, levels: float) -> torch.Tensor:
+    return torch.round(_clip_between(x, clip) / clip * levels) / levels * clip
+
+
+def _pact_backward(x: torch.Tensor, clip: torch.Tensor, grad: torch.Tensor,
+                   levels: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # g where 0 < x < a (threshold_backward's "x <= 0 gives 0", twice), and g * dy/da, which the caller sums
+    grad_x = torch.where(x <= 0, 0.0, torch.where(clip - x <= 0, 0.0, grad))
+    scaled = _clip_between(x, clip) / clip * levels
+    dy_da = (torch.round(scaled) - scaled) / levels + (x >= clip).to(x.dtype)
+    return grad_x, grad * dy_da
+
+
+#: PACT's ``round(L clamp(x, 0, a) / a) / L * a`` (AdaBits' activation quantizer)
+pact_forward = CompiledKernel(_pact_forward, min_elements=PACT_MIN_ELEMENTS)
+#: PACT's gradient at ``x`` and the elementwise ``g dy/da`` whose sum is the gradient at ``a``
+pact_backward = CompiledKernel(_pact_backward, min_elements=PACT_MIN_ELEMENTS)
+
+
+def _bounded_forward(x: torch.Tensor, lower: torch.Tensor, inverse_gap: torch.Tensor,
+                     levels: float) -> tuple[torch.Tensor, torch.Tensor]:
+    normalized = (x - lower) * inverse_gap
+    return normalized, torch.round(_unit_clamp(normalized) * levels) / levels
+
+
+def _bounded_backward(normalized: torch.Tensor, inverse_gap: torch.Tensor, grad: torch.Tensor, below: float,
+                      above: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # hardtanh_backward's "n <= below or n >= above gives 0", on g / (u - l); and its product with n, which the
+    # caller sums for the bounds' gradients
+    grad_normalized = torch.where((normalized <= below) | (normalized >= above), 0.0, grad * inverse_gap)
+    return grad_normalized, grad_normalized * normalized
+
+
+#: MBQuant's ``n = (x - l) / (u - l)`` (kept for the backward pass) and ``round(L clamp(n, 0, 1)) / L``
+bounded_forward = CompiledKernel(_bounded_forward, min_elements=BOUNDED_MIN_ELEMENTS)
+#: MBQuant's straight-through gradient at ``n`` and its product with ``n``
+bounded_backward = CompiledKernel(_bounded_backward, min_elements=BOUNDED_MIN_ELEMENTS)
