@@ -167,9 +167,10 @@ def test_the_environment_switches_the_kernels_off():
 
 def test_past_dynamos_variant_limit_a_call_runs_eager_and_the_kernels_stay_on(monkeypatch):
     monkeypatch.setattr(kernels._Settings, "failure", None)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     kernel = CompiledKernel(lambda x: x * 2, min_elements=1)
-    assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
-    assert kernel(torch.ones(2, 3)) is None  # another rank: a second variant
-    assert kernels._Settings.failure is None
-    assert torch.equal(kernel(torch.ones(5)), torch.full((5,), 2.0))  # the first variant keeps running
+    # the config's own patch: monkeypatching a config module attribute can delete (hide) it on undo
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
+        assert kernel(torch.ones(2, 3)) is None  # another rank: a second variant
+        assert kernels._Settings.failure is None
+        assert torch.equal(kernel(torch.ones(5)), torch.full((5,), 2.0))  # the first variant keeps running
