@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from methods.quant.ste import quantize_unit
-from methods.quant.version_cache import TermsNode, WeightTerms, quantize_with_terms
-from methods.quant.weight_batch import register_batchable, take_batched
+from methods.quant.version_cache import TermsNode, WeightTerms
+from methods.quant.weight_batch import quantize_batched_or_cached, register_batchable
 
 FULL_PRECISION = 32
 DOREFA_TERMS = "dorefa_weight"  # the version cache's name for the terms below
@@ -185,10 +185,8 @@ class _CachedDoReFaWeight(TermsNode):
 
 def dorefa_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize a latent weight tensor to ``bits`` (1..31) or return its 32-bit normalized form."""
-    batched = take_batched(weight, DOREFA_TERMS, bits)
-    if batched is not None:  # computed with the network's other layers (methods.quant.weight_batch)
-        return batched
-    return quantize_with_terms(weight, DOREFA_TERMS, _DoReFaTerms, _CachedDoReFaWeight, _DoReFaWeight.apply, bits)
+    return quantize_batched_or_cached(weight, DOREFA_TERMS, _DoReFaTerms, _CachedDoReFaWeight, _DoReFaWeight.apply,
+                                      bits)
 
 
 register_batchable(dorefa_weight, DOREFA_TERMS, _DoReFaTerms)

@@ -60,8 +60,8 @@ from harness.export import Codes, assign_tensors, take_prefixed, with_prefix
 from methods.quant.dorefa import FULL_PRECISION, tanh_max_backward_many
 from methods.quant.modules import FLOAT_BITS, BitSwitchable, QuantizedSite, copy_weight_and_bias
 from methods.quant.pact import SwitchablePACT
-from methods.quant.version_cache import TermsNode, WeightTerms, cached_terms, quantize_with_terms
-from methods.quant.weight_batch import take_batched
+from methods.quant.version_cache import TermsNode, WeightTerms, cached_terms
+from methods.quant.weight_batch import quantize_batched_or_cached
 from methods.quant.weight_cache import cached_in_eval
 
 SAT_TERMS = "sat_weight"  # the version cache's name for the terms below
@@ -172,10 +172,8 @@ def sat_weight(weight: torch.Tensor, bits: int, scheme: str = "original") -> tor
     (:mod:`methods.quant.version_cache`) and shared by every bit-width of a training step; under ``torch.compile``
     and with the cache off the composed formula runs, which gives the same bits."""
     check_weight_scheme(scheme)
-    batched = take_batched(weight, SAT_TERMS, bits, scheme)
-    if batched is not None:  # computed with the network's other layers (methods.quant.weight_batch)
-        return batched
-    return quantize_with_terms(weight, SAT_TERMS, _SATTerms, _CachedSATWeight, _composed_sat_weight, bits, scheme)
+    return quantize_batched_or_cached(weight, SAT_TERMS, _SATTerms, _CachedSATWeight, _composed_sat_weight, bits,
+                                      scheme)
 
 
 def sat_quantize_normalized(normalized: torch.Tensor, bits: int, scheme: str = "original") -> torch.Tensor:

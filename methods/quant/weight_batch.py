@@ -27,7 +27,14 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from methods.quant.version_cache import WeightTerms, _version_key, cached_terms, caching
+from methods.quant.version_cache import (
+    TermsNode,
+    WeightTerms,
+    _version_key,
+    cached_terms,
+    caching,
+    quantize_with_terms,
+)
 
 #: weight tensor -> (terms name, quantizer arguments, weight version key, quantized weight) for the pass under way
 _waiting: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -73,13 +80,24 @@ def take_batched(weight: torch.Tensor, name: Hashable, *args) -> torch.Tensor | 
     return entry[3] if entry[2] == _version_key(weight) else None
 
 
+def quantize_batched_or_cached(weight: torch.Tensor, name: Hashable, terms_class: type[WeightTerms],
+                               node: type[TermsNode], uncached: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """The quantized ``weight`` the network's pre-hook computed with the other layers (:func:`take_batched`), else
+    :func:`~methods.quant.version_cache.quantize_with_terms` with the same arguments: a batchable quantizer's body."""
+    batched = take_batched(weight, name, *args)
+    if batched is not None:
+        return batched
+    return quantize_with_terms(weight, name, terms_class, node, uncached, *args)
+
+
 #: quantizer function -> (the version cache's name for its terms, its WeightTerms class with list forms)
 _batchable: dict[Callable, tuple[Hashable, type[WeightTerms]]] = {}
 
 
 def register_batchable(quantizer: Callable, name: Hashable, terms_class: type[WeightTerms]) -> None:
     """Declare that ``quantizer(weight, bits)`` reads ``terms_class`` terms cached under ``name``, that the class has
-    ``quantized_many`` and ``backward_many``, and that the quantizer returns :func:`take_batched`'s value first."""
+    ``quantized_many`` and ``backward_many``, and that the quantizer returns :func:`take_batched`'s value first
+    (:func:`quantize_batched_or_cached` does both)."""
     _batchable[quantizer] = (name, terms_class)
 
 

@@ -85,9 +85,8 @@ def count_taken(monkeypatch) -> list[bool]:
         taken.append(result is not None)
         return result
 
-    monkeypatch.setattr("methods.quant.dorefa.take_batched", spy)
+    monkeypatch.setattr(weight_batch, "take_batched", spy)  # DoReFa's and SAT's, through quantize_batched_or_cached
     monkeypatch.setattr("methods.quant.bias_correction.take_batched", spy)
-    monkeypatch.setattr("methods.quant.sat.take_batched", spy)
     return taken
 
 
