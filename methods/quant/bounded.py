@@ -115,7 +115,7 @@ def _fused_forward(x: torch.Tensor, lower: torch.Tensor, inverse_gap: torch.Tens
     it add in memory order."""
     if not fusable(x, bounded_forward) or lower.dtype != x.dtype or inverse_gap.dtype != x.dtype:
         return None
-    fused = bounded_forward(x, lower, inverse_gap, float(levels))
+    fused = bounded_forward(x.detach(), lower.detach(), inverse_gap.detach(), float(levels))
     if fused is None or fused[0].stride() != x.stride() or fused[1].stride() != x.stride():
         return None
     return fused

@@ -1,7 +1,7 @@
 """Compiled elementwise kernels for the quantizers with the longest elementwise chains: one pass over memory where
 eager PyTorch makes one per operation.
 
-PACT (AdaBits' activations) makes six passes over an activation forward (clip, scale, round, unscale, rescale)
+PACT (AdaBits' activations) makes five passes over an activation forward (clip, scale, round, unscale, rescale)
 and about ten backward (two masks, the recomputed scaling, rounding error, the clip mask, the product with the
 upstream gradient), each with a full-size output; MBQuant's bounded quantizer makes five forward and three
 backward. These kernels are the same formulas written for ``torch.compile`` (inductor: one C++/OpenMP loop on the
@@ -13,7 +13,7 @@ patterns (``tests/methods/quant/test_kernels.py``). Inductor compiles with ``-ff
 reciprocal or reassociating math, which is what keeps a product and a division each one IEEE operation.
 
 A kernel runs (:func:`fusable`) on float32 CPU tensors of at least its ``min_elements`` (below that, the compiled
-call's fixed cost exceeds the passes it saves), dense in some memory format, outside ``torch.compile`` (a compiled
+call's fixed cost exceeds the passes it saves), contiguous or channels_last, outside ``torch.compile`` (a compiled
 network fuses the formula itself). Not on CUDA: inductor's Triton code for a float division is not the IEEE
 division of the eager kernel, so the bits are not guaranteed there. DoReFa's activation quantizer has no kernel:
 its eager form is one ``hardtanh`` node with three in-place passes and a C++ backward, and a compiled forward in an
@@ -23,7 +23,8 @@ autograd function (a Python backward) was no faster (fwd + bwd of a 128 x 16 x 1
 The first call of a kernel compiles it (seconds, once per process; inductor caches the C++ on disk). If compiling
 or running a kernel fails (no C++ compiler, for one), one warning is given and the eager formulas, which compute
 the same values, serve for the rest of the process. ``MBQ_FUSED_KERNELS=0`` in the environment, or
-:func:`fused_kernels`, switches the kernels off.
+:func:`fused_kernels`, switches the kernels off; the switch is process-wide, not per thread (training runs its
+steps on one thread).
 """
 
 from __future__ import annotations
@@ -65,38 +66,54 @@ def fused_kernels(enabled: bool = True, min_elements: int | None = None) -> Iter
 
 
 class CompiledKernel:
-    """``formula`` compiled on first use, for any shape (``dynamic=True``: one compile per rank, memory format and
-    pattern of size-1 dimensions, not per size), used from ``min_elements`` elements on. Calling it returns the
-    formula's result, or None: for that call, once dynamo's limit of compiled variants of the formula is reached
-    (each variant already compiled keeps running); for the rest of the process, after any other failure (see the
-    module docstring)."""
+    """``formula`` compiled on first use, used from ``min_elements`` elements on.
+
+    ``dynamic=True`` compiles a variant per rank, memory format, pattern of size-1 dimensions and of equal sizes
+    (dynamo's duck sizing), inference mode and ``requires_grad`` (the callers pass detached tensors), not one per
+    size; each call may add up to :attr:`variant_limit` variants of this formula (dynamo's default of 8 was reached
+    by a test running every method's layers through the kernels). Calling it returns the formula's result, or None
+    (the caller's eager formula then runs): for that call past the variant limit; for the rest of the process for
+    this kernel after an error in tracing or running it (one warning); for every kernel after a failure to
+    compile at all (no C++ compiler: one warning)."""
+
+    variant_limit = 64
 
     def __init__(self, formula: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], min_elements: int) -> None:
         self.formula = formula
         self.min_elements = min_elements
+        self.failure: str | None = None
         self._compiled: Callable | None = None
 
     def __call__(self, *args):
-        if _Settings.failure is not None:
+        if _Settings.failure is not None or self.failure is not None:
             return None
         try:
             if self._compiled is None:
                 self._compiled = torch.compile(self.formula, dynamic=True, fullgraph=True)
-            return self._compiled(*args)
-        except Exception as error:  # noqa: BLE001 (any failure to compile: the eager formula computes the same)
-            from torch._dynamo.exc import FailOnRecompileLimitHit  # here, not at import: loading dynamo takes 1 s
+            with torch._dynamo.config.patch(recompile_limit=self.variant_limit):
+                return self._compiled(*args)
+        except Exception as error:  # noqa: BLE001 (whatever failed, the eager formula computes the same)
+            from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit  # loaded by now
 
-            if isinstance(error, FailOnRecompileLimitHit):  # one variant more than dynamo keeps: this call eager
+            if isinstance(error, FailOnRecompileLimitHit):
                 return None
-            _Settings.failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-            warnings.warn(f"compiled quantizer kernels are off for this process ({_Settings.failure}); the eager "
-                          f"formulas give the same values, more slowly", RuntimeWarning, stacklevel=2)
+            lines = str(error).strip().splitlines()
+            reason = f"{type(error).__name__}: {lines[0] if lines else ''}"
+            if isinstance(error, (BackendCompilerFailed, ImportError, OSError)):
+                _Settings.failure = reason
+                scope = "compiled quantizer kernels are off for this process"
+            else:
+                self.failure = reason
+                scope = f"the compiled kernel {self.formula.__name__} is off for this process"
+            warnings.warn(f"{scope} ({reason}); the eager formulas give the same values, more slowly",
+                          RuntimeWarning, stacklevel=2)
             return None
 
 
 def fusable(x: torch.Tensor, kernel: CompiledKernel) -> bool:
     """Whether ``kernel`` runs on ``x`` (else the caller's eager formula, which gives the same bits)."""
-    if torch.compiler.is_compiling() or not _Settings.enabled or _Settings.failure is not None:
+    if (torch.compiler.is_compiling() or not _Settings.enabled or _Settings.failure is not None
+            or kernel.failure is not None):
         return False
     min_elements = kernel.min_elements if _Settings.min_elements is None else _Settings.min_elements
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= min_elements

@@ -42,10 +42,11 @@ SHARED_KEY = "shared"
 
 def _clip(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """``min(relu(x), a)`` in one pass: ``clamp(x, 0, a)`` takes the same values (NaN included)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or clip.requires_grad or clip.dim():
         # dynamo reads a tensor bound beside a Python one back to the host, a graph break at every call, and inductor
         # made a clamp with two tensor bounds 1.7x slower than this (a compiled AdaBits step at 32x32: 1,042 against
-        # 609 ms); the same values
+        # 609 ms); the same values. In eager, torch.clamp takes a tensor bound beside a float only as a number, which
+        # a bound with gradient (a double backward) or with dimensions is not
         return torch.minimum(torch.relu(x), clip)
     return torch.clamp(x, 0.0, clip)
 
@@ -60,7 +61,7 @@ class _PACTQuantize(torch.autograd.Function):
         ctx.save_for_backward(x, alpha)
         ctx.levels = levels
         if fusable(x, pact_forward) and clip.dtype == x.dtype:
-            fused = pact_forward(x, clip, float(levels))  # one pass (methods.quant.kernels), the same bits
+            fused = pact_forward(x.detach(), clip, float(levels))  # one pass (methods.quant.kernels), same bits
             # in the eager result's layout only: a convolution after it may round differently in another
             if fused is not None and fused.stride() == x.stride():
                 return fused
@@ -97,13 +98,14 @@ class _PACTQuantize(torch.autograd.Function):
 def _fused_backward(x: torch.Tensor, clip: torch.Tensor, grad_output: torch.Tensor,
                     levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Both gradients' elementwise passes as one compiled loop (:mod:`methods.quant.kernels`), or None where the
-    kernel does not apply. ``g dy/da`` must come out in the layout the eager product has (that of ``x`` and ``g``,
-    required to agree): its sum adds the elements in memory order."""
+    kernel does not apply. Both must come out in the layout the eager results have (that of ``x`` and ``g``, required
+    to agree): the sum of ``g dy/da`` adds the elements in memory order, and ``x``'s gradient flows into the layer
+    before."""
     if (torch.is_grad_enabled() or not fusable(x, pact_backward) or grad_output.stride() != x.stride()
             or clip.dtype != x.dtype or grad_output.dtype != x.dtype):
         return None
-    fused = pact_backward(x, clip, grad_output, float(levels))
-    if fused is None or fused[1].stride() != x.stride():
+    fused = pact_backward(x.detach(), clip, grad_output, float(levels))
+    if fused is None or any(part.stride() != x.stride() for part in fused):
         return None
     return fused
 

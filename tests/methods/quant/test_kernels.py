@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -44,9 +45,11 @@ def layout(t: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def with_edges(x: torch.Tensor, *more: float) -> torch.Tensor:
+    """``x`` with the edge values at its start and at its end (a vectorized loop's body and its scalar tail)."""
     x = x.clone()
     values = torch.tensor(EDGES + list(more))
     x.view(-1)[: len(values)] = values
+    x.view(-1)[-len(values):] = values
     return x
 
 
@@ -70,8 +73,8 @@ def assert_same_bits(fused: list[torch.Tensor], eager: list[torch.Tensor]) -> No
 def test_pact_kernels_give_the_eager_bits(bits, memory_format, kernel_runs):
     generator = torch.Generator().manual_seed(bits)
     alpha = torch.tensor(-1.3 if bits % 2 else 0.9)  # the clipping level is |alpha|
-    x = layout(with_edges(torch.randn(8, 16, 6, 6, generator=generator) * 2, abs(alpha.item())), memory_format)
-    upstream = layout(with_edges(torch.randn(8, 16, 6, 6, generator=generator)), memory_format)
+    x = layout(with_edges(torch.randn(8, 16, 5, 7, generator=generator) * 2, abs(alpha.item())), memory_format)
+    upstream = layout(with_edges(torch.randn(8, 16, 5, 7, generator=generator)), memory_format)
     upstream[upstream.isnan()] = 0.5  # a NaN upstream makes the alpha gradient NaN either way
 
     def quantizer(x, a):
@@ -134,26 +137,46 @@ def test_where_no_kernel_runs(case):
 
 
 def test_each_kernel_runs_from_its_own_size():
-    below = torch.randn(kernels.PACT_MIN_ELEMENTS - 1)
-    assert not fusable(below, kernels.pact_forward)
-    assert fusable(torch.randn(kernels.PACT_MIN_ELEMENTS), kernels.pact_forward)
-    assert fusable(torch.randn(kernels.BOUNDED_MIN_ELEMENTS), kernels.bounded_forward)
+    with fused_kernels(True):  # whatever MBQ_FUSED_KERNELS says
+        assert not fusable(torch.randn(kernels.PACT_MIN_ELEMENTS - 1), kernels.pact_forward)
+        assert fusable(torch.randn(kernels.PACT_MIN_ELEMENTS), kernels.pact_forward)
+        assert not fusable(torch.randn(kernels.BOUNDED_MIN_ELEMENTS - 1), kernels.bounded_forward)
+        assert fusable(torch.randn(kernels.BOUNDED_MIN_ELEMENTS), kernels.bounded_forward)
 
 
 def test_a_failed_compile_warns_once_and_leaves_the_eager_formula(monkeypatch):
     def no_compiler(*args, **kwargs):
-        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+        inner = RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+        raise torch._dynamo.exc.BackendCompilerFailed(no_compiler, inner, None)
 
     monkeypatch.setattr(kernels._Settings, "failure", None)
     monkeypatch.setattr(torch, "compile", no_compiler)
     kernel = CompiledKernel(lambda x: x + 1, min_elements=1)
-    with pytest.warns(RuntimeWarning, match="no working C\\+\\+ compiler found\\); the eager"):
+    with pytest.warns(RuntimeWarning, match="kernels are off for this process .*; the eager formulas"):
         assert kernel(torch.zeros(3)) is None
-    assert kernels._Settings.failure == "RuntimeError: InvalidCxxCompiler: no working C++ compiler found"
+    assert kernels._Settings.failure.startswith("BackendCompilerFailed")
     assert not fusable(torch.zeros(3), kernel)  # every kernel, for the rest of the process
-    x, alpha = torch.randn(4, 8, 5, 5), torch.tensor(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the next calls say nothing
+        assert kernel(torch.zeros(3)) is None
+        x, alpha = torch.randn(4, 8, 5, 5), torch.tensor(1.0)
+        with fused_kernels(True, min_elements=1):
+            assert torch.equal(pact_quantize(x, alpha, 4), pact_quantize(x.clone(), alpha, 4))
+
+
+def test_an_error_in_one_kernel_turns_off_that_kernel_only(monkeypatch):
+    monkeypatch.setattr(kernels._Settings, "failure", None)
+
+    def fails(x):
+        raise ValueError("\n")  # a message of white space only: the warning still forms
+
+    broken, working = CompiledKernel(fails, min_elements=1), CompiledKernel(lambda x: x + 1, min_elements=1)
+    with pytest.warns(RuntimeWarning, match="the compiled kernel fails is off for this process"):
+        assert broken(torch.zeros(3)) is None
+    assert broken.failure is not None and kernels._Settings.failure is None
     with fused_kernels(True, min_elements=1):
-        assert torch.equal(pact_quantize(x, alpha, 4), pact_quantize(x.clone(), alpha, 4))
+        assert not fusable(torch.zeros(3), broken) and fusable(torch.zeros(3), working)
+    assert torch.equal(working(torch.zeros(3)), torch.ones(3))
 
 
 def test_the_environment_switches_the_kernels_off():
@@ -168,9 +191,62 @@ def test_the_environment_switches_the_kernels_off():
 def test_past_dynamos_variant_limit_a_call_runs_eager_and_the_kernels_stay_on(monkeypatch):
     monkeypatch.setattr(kernels._Settings, "failure", None)
     kernel = CompiledKernel(lambda x: x * 2, min_elements=1)
-    # the config's own patch: monkeypatching a config module attribute can delete (hide) it on undo
-    with torch._dynamo.config.patch(recompile_limit=1):
-        assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
-        assert kernel(torch.ones(2, 3)) is None  # another rank: a second variant
-        assert kernels._Settings.failure is None
-        assert torch.equal(kernel(torch.ones(5)), torch.full((5,), 2.0))  # the first variant keeps running
+    kernel.variant_limit = 1
+    assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
+    assert kernel(torch.ones(2, 3)) is None  # another rank: a second variant
+    assert kernels._Settings.failure is None and kernel.failure is None
+    assert torch.equal(kernel(torch.ones(5)), torch.full((5,), 2.0))  # the first variant keeps running
+
+
+@pytest.mark.parametrize("needs", ["input", "alpha"])
+def test_pact_with_one_gradient_takes_the_eager_backward(needs, kernel_runs):
+    x, alpha = torch.randn(4, 8, 5, 5), torch.tensor(0.9)
+    upstream = torch.randn(4, 8, 5, 5)
+    results = []
+    for fused in (True, False):
+        leaves = [x.clone().requires_grad_(needs == "input"), alpha.clone().requires_grad_(needs == "alpha")]
+        with fused_kernels(fused, min_elements=1):
+            pact_quantize(*leaves, 3).backward(upstream)
+        results.append([leaf.grad for leaf in leaves if leaf.requires_grad])
+    assert kernel_runs["count"] == 1  # the forward pass only
+    assert_same_bits(*results)
+
+
+def test_a_double_backward_takes_the_eager_path(kernel_runs):
+    x, alpha = torch.randn(4, 8, 5, 5), torch.tensor(0.9)
+    results = []
+    for fused in (True, False):
+        leaf, level = x.clone().requires_grad_(), alpha.clone().requires_grad_()
+        with fused_kernels(fused, min_elements=1):
+            (grad_x,) = torch.autograd.grad(pact_quantize(leaf, level, 3).square().sum(), leaf, create_graph=True)
+            grad_x.sum().backward()  # through the eager backward, whose clip has a bound with gradient
+        results.append([grad_x, level.grad])
+    # the forward pass, and the second backward's way back through the quantizer (without create_graph); the first
+    # backward, which builds a graph, is eager
+    assert kernel_runs["count"] == 2
+    assert_same_bits(*results)
+
+
+def test_bounded_with_gradient_scaling_takes_the_eager_backward(kernel_runs):
+    generator = torch.Generator().manual_seed(0)
+    x, upstream = torch.randn(4, 8, 5, 5, generator=generator), torch.randn(4, 8, 5, 5, generator=generator)
+    lower, upper = torch.full((1, 8, 1, 1), -0.5), torch.full((1, 8, 1, 1), 1.5)
+
+    def quantizer(x, lower, upper):
+        return bounded_quantize(x, lower, upper, 3, backward_scaling=0.2)
+
+    fused = run(quantizer, [x, lower, upper], upstream, fused=True)
+    assert kernel_runs["count"] == 1  # EWGS scaling is not in the kernel
+    assert_same_bits(fused, run(quantizer, [x, lower, upper], upstream, fused=False))
+
+
+def test_bounded_upstream_in_another_layout_takes_the_eager_backward(kernel_runs):
+    x, upstream = torch.randn(4, 8, 5, 5), layout(torch.randn(4, 8, 5, 5), "channels_last")
+    lower, upper = torch.full((1, 8, 1, 1), -0.5), torch.full((1, 8, 1, 1), 1.5)
+
+    def quantizer(x, lower, upper):
+        return bounded_quantize(x, lower, upper, 3)
+
+    fused = run(quantizer, [x, lower, upper], upstream, fused=True)
+    assert kernel_runs["count"] == 1
+    assert_same_bits(fused, run(quantizer, [x, lower, upper], upstream, fused=False))
