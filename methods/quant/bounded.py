@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from methods.quant.kernels import bounded_backward, bounded_forward, fusable
+from methods.quant.kernels import bounded_backward, bounded_forward
 
 WEIGHT_BITS = 2
 # Keeps (x - l) / (u - l) finite if a bound pair collapses (e.g. a dead input whose std is 0).
@@ -66,7 +66,7 @@ class _BoundedQuantize(torch.autograd.Function):
                 delta: float) -> torch.Tensor:
         inverse_gap = 1.0 / (upper - lower).clamp_min(MIN_BOUND_GAP)
         ctx.levels, ctx.delta = levels, delta
-        fused = _fused_forward(x, lower, inverse_gap, levels)
+        fused = bounded_forward.run_like(x, lower, inverse_gap, float(levels))  # one loop (methods.quant.kernels)
         if fused is not None:
             normalized, quantized = fused
             ctx.save_for_backward(normalized, lower, upper, inverse_gap)
@@ -79,11 +79,12 @@ class _BoundedQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         normalized, lower, upper, inverse_gap = ctx.saved_tensors
-        grad_unit = grad_output
-        fused = None if ctx.delta else _fused_backward(normalized, inverse_gap, grad_output)
+        fused = None if ctx.delta else bounded_backward.run_like(normalized, inverse_gap, grad_output,
+                                                                  *_unit_bounds(normalized.dtype))
         if fused is not None:
             grad_normalized, grad_times_normalized = fused
         else:
+            grad_unit = grad_output
             if ctx.delta:
                 unit = normalized.clamp(0.0, 1.0)
                 error = unit - torch.round(unit * ctx.levels) / ctx.levels
@@ -106,34 +107,6 @@ def _unit_bounds(dtype: torch.dtype) -> tuple[float, float]:
     """:func:`inclusive_unit_mask_backward`'s bounds: one representable step outside 0 and 1."""
     info = torch.finfo(dtype)
     return -info.tiny, 1.0 + info.eps
-
-
-def _fused_forward(x: torch.Tensor, lower: torch.Tensor, inverse_gap: torch.Tensor,
-                   levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``n`` and its quantized value as one compiled loop (:mod:`methods.quant.kernels`), or None where the kernel
-    does not apply. ``n`` must be in ``x``'s layout, as the eager ``x - l`` writes it: the backward pass's sums over
-    it add in memory order."""
-    if not fusable(x, bounded_forward) or lower.dtype != x.dtype or inverse_gap.dtype != x.dtype:
-        return None
-    fused = bounded_forward(x.detach(), lower.detach(), inverse_gap.detach(), float(levels))
-    if fused is None or fused[0].stride() != x.stride() or fused[1].stride() != x.stride():
-        return None
-    return fused
-
-
-def _fused_backward(normalized: torch.Tensor, inverse_gap: torch.Tensor,
-                    grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The straight-through gradient at ``n`` and its product with ``n`` as one compiled loop, or None where the
-    kernel does not apply (the upstream gradient in another layout than ``n``'s: the eager mask writes in ``n``'s
-    layout, and the bounds' sums add in memory order)."""
-    if (torch.is_grad_enabled() or not fusable(normalized, bounded_backward)
-            or grad_output.stride() != normalized.stride() or grad_output.dtype != normalized.dtype
-            or inverse_gap.dtype != normalized.dtype):
-        return None
-    fused = bounded_backward(normalized, inverse_gap, grad_output, *_unit_bounds(normalized.dtype))
-    if fused is None or fused[0].stride() != normalized.stride() or fused[1].stride() != normalized.stride():
-        return None
-    return fused
 
 
 def bounded_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, bits: int,

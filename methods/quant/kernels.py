@@ -110,6 +110,24 @@ class CompiledKernel:
             return None
 
 
+    def run_like(self, x: torch.Tensor, *args):
+        """The kernel on ``(x, *args)`` where its result has the eager formula's bits and layout, else None (the
+        caller's eager formula runs): ``x`` :func:`fusable`, no graph being recorded (a double backward takes the
+        eager path), every tensor argument of ``x``'s dtype and, if of ``x``'s shape, of its layout (an upstream
+        gradient in another layout changes what the eager formula writes), and every output in ``x``'s layout (the
+        sums that callers take over an output add in memory order, and a convolution after it may round
+        differently in another layout). Tensors are passed detached."""
+        tensors = [a for a in (x, *args) if isinstance(a, torch.Tensor)]
+        if (torch.is_grad_enabled() or not fusable(x, self) or any(t.dtype != x.dtype for t in tensors)
+                or any(t.shape == x.shape and t.stride() != x.stride() for t in tensors)):
+            return None
+        result = self(*(a.detach() if isinstance(a, torch.Tensor) else a for a in (x, *args)))
+        if result is None:
+            return None
+        outputs = result if isinstance(result, tuple) else (result,)
+        return result if all(out.stride() == x.stride() for out in outputs) else None
+
+
 def fusable(x: torch.Tensor, kernel: CompiledKernel) -> bool:
     """Whether ``kernel`` runs on ``x`` (else the caller's eager formula, which gives the same bits)."""
     if (torch.compiler.is_compiling() or not _Settings.enabled or _Settings.failure is not None

@@ -33,7 +33,7 @@ from torch import nn
 from harness.errors import ConfigError
 from harness.export import assign_tensors
 from methods.quant.dorefa import FULL_PRECISION
-from methods.quant.kernels import fusable, pact_backward, pact_forward
+from methods.quant.kernels import pact_backward, pact_forward
 from methods.quant.modules import FLOAT_BITS, BitSwitchable
 from methods.quant.ste import round_ste
 
@@ -60,11 +60,9 @@ class _PACTQuantize(torch.autograd.Function):
         clip = alpha.abs()
         ctx.save_for_backward(x, alpha)
         ctx.levels = levels
-        if fusable(x, pact_forward) and clip.dtype == x.dtype:
-            fused = pact_forward(x.detach(), clip, float(levels))  # one pass (methods.quant.kernels), same bits
-            # in the eager result's layout only: a convolution after it may round differently in another
-            if fused is not None and fused.stride() == x.stride():
-                return fused
+        fused = pact_forward.run_like(x, clip, float(levels))  # one pass (methods.quant.kernels), same bits
+        if fused is not None:
+            return fused
         scaled = _clip(x, clip).div_(clip).mul_(levels)
         return scaled.round_().div_(levels).mul_(clip)
 
@@ -74,7 +72,8 @@ class _PACTQuantize(torch.autograd.Function):
         clip = alpha.abs()
         levels = ctx.levels
         grad_x = grad_alpha = None
-        fused = _fused_backward(x, clip, grad_output, levels) if all(ctx.needs_input_grad[:2]) else None
+        # both gradients' elementwise passes as one loop; g dy/da comes back for the sum below
+        fused = pact_backward.run_like(x, clip, grad_output, float(levels)) if all(ctx.needs_input_grad[:2]) else None
         if fused is not None:
             grad_x, product = fused
             return grad_x, product.sum().reshape(alpha.shape) * alpha.sgn(), None
@@ -93,21 +92,6 @@ class _PACTQuantize(torch.autograd.Function):
             dy_da = (torch.round(scaled) - scaled).div_(levels).add_(x >= clip)
             grad_alpha = (grad_output * dy_da).sum().reshape(alpha.shape) * alpha.sgn()
         return grad_x, grad_alpha, None
-
-
-def _fused_backward(x: torch.Tensor, clip: torch.Tensor, grad_output: torch.Tensor,
-                    levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Both gradients' elementwise passes as one compiled loop (:mod:`methods.quant.kernels`), or None where the
-    kernel does not apply. Both must come out in the layout the eager results have (that of ``x`` and ``g``, required
-    to agree): the sum of ``g dy/da`` adds the elements in memory order, and ``x``'s gradient flows into the layer
-    before."""
-    if (torch.is_grad_enabled() or not fusable(x, pact_backward) or grad_output.stride() != x.stride()
-            or clip.dtype != x.dtype or grad_output.dtype != x.dtype):
-        return None
-    fused = pact_backward(x.detach(), clip, grad_output, float(levels))
-    if fused is None or any(part.stride() != x.stride() for part in fused):
-        return None
-    return fused
 
 
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
