@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from methods.quant.backward_ops import clamp_unit_backward
 from methods.quant.ste import quantize_unit
 from methods.quant.version_cache import TermsNode, WeightTerms
 from methods.quant.weight_batch import quantize_batched_or_cached, register_batchable
@@ -210,7 +211,9 @@ class _ClampQuantize(torch.autograd.Function):
     built the mask. In the harness's ResNets ``x`` is a ReLU's output, which the ReLU keeps for its own backward,
     so saving it costs no memory there (elsewhere, e.g. after a ViT's layer norm, a float where a bool was). The
     backward is ``hardtanh_backward``, one fused pass that gives ``g`` where ``0 < x < 1`` and 0 elsewhere, the
-    same values as ``g * mask``.
+    same values as ``g * mask``; on CPU through :func:`~methods.quant.backward_ops.clamp_unit_backward`, which keeps
+    the comparison in the compiled backward graph (the partitioner would otherwise save bool masks, which inductor
+    writes slowly on CPU).
     """
 
     @staticmethod
@@ -221,7 +224,7 @@ class _ClampQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return torch.ops.aten.hardtanh_backward(grad_output, x, 0.0, 1.0), None
+        return clamp_unit_backward(grad_output, x), None
 
 
 def dorefa_activation(x: torch.Tensor, bits: int, full_precision_act: str = "relu") -> torch.Tensor:
