@@ -31,6 +31,19 @@ def _(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(grad)
 
 
+def _setup_context(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+    ctx.save_for_backward(inputs[1])
+
+
+def _double_backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+    # linear in grad with the same mask, and piecewise constant in x: hardtanh_backward's own derivatives
+    (x,) = ctx.saved_tensors
+    return clamp_unit_backward(grad_output, x), None
+
+
+_clamp_unit_backward_op.register_autograd(_double_backward, setup_context=_setup_context)
+
+
 def clamp_unit_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``grad`` where ``0 < x < 1``, else 0 (``hardtanh_backward``); on CPU through the opaque operator above."""
     if grad.device.type == "cpu":

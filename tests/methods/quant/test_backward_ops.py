@@ -34,6 +34,17 @@ def test_the_operator_gives_hardtanh_backwards_bits_in_the_gradients_layout(layo
     assert out.stride() == grad.stride()
 
 
+def test_the_operators_own_gradient_is_hardtanh_backwards():
+    """A double backward through the quantizer (a gradient penalty, say) differentiates the operator."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 5) * 0.7 + 0.5
+    grad = torch.randn(3, 5, requires_grad=True)
+    upstream = torch.randn(3, 5)
+    (ours,) = torch.autograd.grad(clamp_unit_backward(grad, x), grad, upstream)
+    (theirs,) = torch.autograd.grad(torch.ops.aten.hardtanh_backward(grad, x, 0.0, 1.0), grad, upstream)
+    assert torch.equal(_bits(ours), _bits(theirs))
+
+
 def _saved_dtypes(fn, *inputs) -> list[torch.dtype]:
     """Dtypes of the forward values the backward graph reads (the forward graph's outputs past the user's), split
     as inductor splits them: its decompositions (``hardtanh_backward`` becomes comparisons and a ``where``) and its
