@@ -1,13 +1,13 @@
 """A compiled DoReFa-quantized ResNet stage with the straight-through mask as the opaque operator of
-methods/quant/backward_ops.py against the same stage with the plain ``hardtanh_backward``, which the partitioner
-turns into saved bool masks (the ReLU's and the clamp's), slow to write on CPU under inductor.
+methods/quant/backward_ops.py against the same stage with the plain ``hardtanh_backward``, for which the partitioner
+saves bool masks (the ReLUs' and the clamps'), slow to write on CPU under inductor.
 
-The first stage of the benchmark's ResNet-20 (16 channels at 32x32, batch 128, three basic blocks), forward and
-backward, compiled with ``torch.compile``. The timed call is the opaque operator's; ``extra_info`` holds
+The first stage of the benchmark's ResNet-20 (stem, three basic blocks, 16 channels at 32x32, batch 128), forward
+and backward, compiled with ``torch.compile``. The timed call is the opaque operator's; ``extra_info`` holds
 ``plain_over_opaque``: the median over rounds of the plain stage's time over the opaque one's timed right before
-it (alternating, so a
-machine's speed drift cancels). That the opaque form saves no bool tensor is a test
-(``tests/methods/quant/test_backward_ops.py``).
+it (alternating, so a machine's speed drift cancels). The plain form saves five bool tensors here, the opaque one
+only the mask of the ReLU before pooling, which full precision saves too; that the opaque form keeps the
+quantizer's masks out of the saved tensors is a test (``tests/methods/quant/test_backward_ops.py``).
 """
 
 from __future__ import annotations
@@ -24,14 +24,9 @@ ROUNDS = 9
 LEVELS = 3  # 2 bits
 
 
-class _PlainClampQuantize(torch.autograd.Function):
+class _PlainClampQuantize(_ClampQuantize):
     """:class:`~methods.quant.dorefa._ClampQuantize` with ``hardtanh_backward`` called directly (the form before
     the opaque operator)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x.clamp(0.0, 1.0).mul_(levels).round_().div_(levels)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

@@ -1,4 +1,4 @@
-"""Straight-through masks that stay in the backward pass of a compiled CPU graph.
+"""A straight-through mask that stays in the backward pass of a compiled CPU graph.
 
 Under ``torch.compile``, AOTAutograd's partitioner chooses which forward values the backward graph reads, by size:
 for a quantizer whose backward pass is ``g where 0 < x < 1`` (DoReFa's activation, :mod:`methods.quant.dorefa`) it
@@ -35,17 +35,20 @@ def _setup_context(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: torch
     ctx.save_for_backward(inputs[1])
 
 
-def _double_backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
-    # linear in grad with the same mask, and piecewise constant in x: hardtanh_backward's own derivatives
+def _double_backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # linear in grad with the same mask, and piecewise constant in x (zeros, as hardtanh_backward's own derivative
+    # gives them); reached by eager calls: AOTAutograd does not compile a double backward
     (x,) = ctx.saved_tensors
-    return clamp_unit_backward(grad_output, x), None
+    return clamp_unit_backward(grad_output, x), torch.zeros_like(x) if ctx.needs_input_grad[1] else None
 
 
 _clamp_unit_backward_op.register_autograd(_double_backward, setup_context=_setup_context)
 
 
 def clamp_unit_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``grad`` where ``0 < x < 1``, else 0 (``hardtanh_backward``); on CPU through the opaque operator above."""
+    """``grad`` where ``0 < x < 1``, else 0 (``hardtanh_backward``); on CPU through the opaque operator above, whose
+    result has ``grad``'s dtype and layout (autograd passes a gradient of ``x``'s dtype; called directly with a
+    lower-precision ``grad`` than ``x``, the values are the same, each an element of ``grad`` or 0)."""
     if grad.device.type == "cpu":
         return _clamp_unit_backward_op(grad, x)
     return torch.ops.aten.hardtanh_backward(grad, x, 0.0, 1.0)
