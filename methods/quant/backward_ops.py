@@ -4,10 +4,10 @@ Under ``torch.compile``, AOTAutograd's partitioner chooses which forward values 
 for a quantizer whose backward pass is ``g where 0 < x < 1`` (DoReFa's activation, :mod:`methods.quant.dorefa`) it
 computes the comparison in the forward graph and saves a bool mask (1 byte an element) rather than ``x`` (4
 bytes), and does the same with the ReLU before it, whose output the next convolution no longer reads (it reads the
-quantized value). On CPU, inductor (torch 2.14, AVX-512) writes a vectorized bool tensor about ten times slower
-than eager: ``x > 0`` over a 128x16x32x32 activation took 11.0 ms compiled against 0.8 ms eager, while a float
-result took 0.5 ms. Two such masks per quantized convolution made a compiled Any-Precision step slower than the
-eager one.
+quantized value). On CPU, inductor (torch 2.14, AVX-512) writes a vectorized bool tensor 10-14 times slower than
+eager: ``x > 0`` over a 128x16x32x32 activation took 11.0 ms compiled against 0.8 ms eager, while a float result
+took 0.5 ms. These masks (five bool tensors for the six quantized convolutions of a ResNet stage) made a compiled
+Any-Precision step slower than the eager one.
 
 :func:`clamp_unit_backward` is ``hardtanh_backward`` over ``[0, 1]`` as an opaque custom operator: the partitioner
 cannot move its comparison into the forward graph, so the forward saves ``x``, which also covers the ReLU's mask.
