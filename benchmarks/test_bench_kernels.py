@@ -11,11 +11,10 @@ step first.
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
-from test_bench_train_step import BITS, SIZES, batch, full_precision_step_seconds, info
+from test_bench_train_step import BITS, SIZES, alternating_medians, batch, full_precision_step_seconds, info
 
 from harness.method import RunContext
 from harness.registry import get_method
@@ -45,19 +44,10 @@ def test_step_with_and_without_kernels(benchmark, name):
     step(model, True)  # compiles the kernels
     assert kernels._Settings.failure is None, kernels._Settings.failure  # else both sides would time the eager path
     step(eager_model, False)
-    ratios, kernel_times, eager_times = [], [], []
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        step(model, True)
-        middle = time.perf_counter()
-        step(eager_model, False)
-        end = time.perf_counter()
-        ratios.append((end - middle) / (middle - start))
-        kernel_times.append(middle - start)
-        eager_times.append(end - middle)
+    ratio, kernel_seconds, eager_seconds = alternating_medians(lambda: step(model, True),
+                                                               lambda: step(eager_model, False), ROUNDS)
     fp_seconds = full_precision_step_seconds(data)
     benchmark(step, model, True)
-    benchmark.extra_info["eager_over_kernels"] = round(sorted(ratios)[ROUNDS // 2], 3)
-    for label, times in (("kernels", kernel_times), ("eager", eager_times)):
-        median = sorted(times)[ROUNDS // 2]
+    benchmark.extra_info["eager_over_kernels"] = round(ratio, 3)
+    for label, median in (("kernels", kernel_seconds), ("eager", eager_seconds)):
         benchmark.extra_info[f"{label}_ratio_to_k_fp_steps"] = round(median / (len(BITS) * fp_seconds), 3)

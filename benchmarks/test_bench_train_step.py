@@ -163,6 +163,22 @@ def interleaved_ratio(method_step, data: Batch, rounds: int = 7, compiled: bool 
     return round(sorted(ratios)[rounds // 2], 3)
 
 
+def alternating_medians(first, second, rounds: int) -> tuple[float, float, float]:
+    """``first()`` and ``second()`` timed in alternation for ``rounds`` rounds: the median over rounds of second's
+    time over first's timed right before it (a machine's speed drift cancels), and each one's median seconds."""
+    ratios, first_times, second_times = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        first()
+        middle = time.perf_counter()
+        second()
+        end = time.perf_counter()
+        ratios.append((end - middle) / (middle - start))
+        first_times.append(middle - start)
+        second_times.append(end - middle)
+    return tuple(sorted(values)[rounds // 2] for values in (ratios, first_times, second_times))
+
+
 def full_precision_step_seconds(data: Batch, repeats: int = 9, compiled: bool = False) -> float:
     """Median seconds of one full-precision ResNet-20 step on ``data`` (after one warm-up step, which compiles)."""
     model = create_model("resnet20", num_classes=10, in_chans=3, mean=(0.5,) * 3, std=(0.25,) * 3)

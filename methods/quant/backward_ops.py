@@ -20,10 +20,17 @@ from __future__ import annotations
 import torch
 
 
+def hardtanh_backward_like(grad: torch.Tensor, x: torch.Tensor, below: float, above: float,
+                           like: torch.Tensor) -> torch.Tensor:
+    """``hardtanh_backward(grad, x, below, above)`` (``grad`` where ``below < x < above``, else 0, one fused pass)
+    written in ``like``'s memory layout and dtype: the eager kernel picks its output layout from its inputs, which
+    a caller that needs a definite one (a consumer summing in memory order, a fake implementation) cannot rely on."""
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, below, above, grad_input=torch.empty_like(like))
+
+
 @torch.library.custom_op("mbqbench::clamp_unit_backward", mutates_args=())
 def _clamp_unit_backward_op(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(grad)
-    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, 0.0, 1.0, grad_input=out)
+    return hardtanh_backward_like(grad, x, 0.0, 1.0, like=grad)
 
 
 @_clamp_unit_backward_op.register_fake

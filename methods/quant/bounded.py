@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from methods.quant.backward_ops import hardtanh_backward_like
 from methods.quant.kernels import bounded_backward, bounded_forward
 
 WEIGHT_BITS = 2
@@ -43,11 +44,9 @@ def inclusive_unit_mask_backward(grad: torch.Tensor, normalized: torch.Tensor) -
     clamp and a ``torch.where`` (four passes, two of them slow on CPU), this takes 40-60 % off the backward pass of
     a large activation.
     """
-    below, above = _unit_bounds(normalized.dtype)
     # written in n's memory layout, as torch.where over a mask of n writes it: a weight's gradient arrives in the
     # convolution's layout, and a result in another layout changes the summation order of what consumes it
-    out = torch.empty_like(normalized)
-    return torch.ops.aten.hardtanh_backward.grad_input(grad, normalized, below, above, grad_input=out)
+    return hardtanh_backward_like(grad, normalized, *_unit_bounds(normalized.dtype), like=normalized)
 
 
 class _BoundedQuantize(torch.autograd.Function):

@@ -138,13 +138,9 @@ def fusable(x: torch.Tensor, kernel: CompiledKernel) -> bool:
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
 
 
-def _unit_clamp(x: torch.Tensor) -> torch.Tensor:
-    """``clamp(x, 0, 1)`` as eager torch computes it, signed zero and NaN included."""
-    return torch.where(x < 0, 0.0, torch.where(x > 1, 1.0, x))
-
-
-def _clip_between(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """``clamp(x, 0, a)`` with a tensor ``a > 0`` as eager torch computes it, signed zero and NaN included."""
+def _clip_between(x: torch.Tensor, clip: torch.Tensor | float) -> torch.Tensor:
+    """``clamp(x, 0, a)`` with ``a > 0`` (a tensor or a number) as eager torch computes it, signed zero and NaN
+    included."""
     return torch.where(x < 0, 0.0, torch.where(x > clip, clip, x))
 
 
@@ -170,7 +166,7 @@ pact_backward = CompiledKernel(_pact_backward, min_elements=PACT_MIN_ELEMENTS)
 def _bounded_forward(x: torch.Tensor, lower: torch.Tensor, inverse_gap: torch.Tensor,
                      levels: float) -> tuple[torch.Tensor, torch.Tensor]:
     normalized = (x - lower) * inverse_gap
-    return normalized, torch.round(_unit_clamp(normalized) * levels) / levels
+    return normalized, torch.round(_clip_between(normalized, 1.0) * levels) / levels
 
 
 def _bounded_backward(normalized: torch.Tensor, inverse_gap: torch.Tensor, grad: torch.Tensor, below: float,
