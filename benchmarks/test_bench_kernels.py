@@ -1,11 +1,13 @@
-"""A training step with the compiled quantizer kernels (methods/quant/kernels.py) against the same step without them.
+"""A training step with the quantizer kernels against the same step without them: the compiled kernels
+(methods/quant/kernels.py) for AdaBits (PACT activations) and MBQuant (bounded activations) at 32x32 inputs, where
+they run, and the native DoReFa activation operator (methods/quant/native.py) for Any-Precision, dedicated and EMQ at
+8x8 and 32x32.
 
-AdaBits (PACT activations) and MBQuant (bounded activations) at their benchmark setting (ResNet-20, batch 128,
-bits 2,4,8) and 32x32 inputs, where the kernels run; the timed step is the kernels' one, and ``extra_info`` holds
-``eager_over_kernels``: the median over rounds of an eager step over the kernel step timed right before it (two
-networks of the same method and initialization, alternating, so a machine's speed drift cancels), and both
-steps' ratios to three full-precision steps. The first kernel call compiles (seconds), so each side gets a warm-up
-step first.
+Each method at its benchmark setting (ResNet-20, batch 128, bits 2,4,8); the timed step is the kernels' one, and
+``extra_info`` holds ``eager_over_kernels``: the median over rounds of a step without them over the kernel step
+timed right before it (two networks of the same method and initialization, alternating, so a machine's speed drift
+cancels), and both steps' ratios to three full-precision steps. The first kernel call compiles or loads the kernels
+(seconds), so each side gets a warm-up step first.
 """
 
 from __future__ import annotations
@@ -18,15 +20,26 @@ from test_bench_train_step import BITS, SIZES, alternating_medians, batch, full_
 
 from harness.method import RunContext
 from harness.registry import get_method
-from methods.quant import kernels
+from methods.quant import kernels, native
 from methods.quant.kernels import fused_kernels
+from methods.quant.native import native_kernels
 
 ROUNDS = 7
 
 
 @pytest.mark.parametrize("name", ["adabits", "mbquant"])
 def test_step_with_and_without_kernels(benchmark, name):
-    size = SIZES["32x32"]
+    _step_with_and_without(benchmark, name, SIZES["32x32"], fused_kernels, lambda: kernels._Settings.failure)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq"])
+def test_step_with_and_without_native(benchmark, name, size):
+    _step_with_and_without(benchmark, name, SIZES[size], native_kernels, lambda: native._State.failure)
+
+
+def _step_with_and_without(benchmark, name: str, size: int, switch, failure) -> None:
+    """``switch(on)`` switches the kernels on or off; ``failure()`` says why they could not run, if they could not."""
     method = get_method(name)()
     torch.manual_seed(0)
     model = method.build("resnet20", 10, BITS, info(size), 1.0)
@@ -35,14 +48,14 @@ def test_step_with_and_without_kernels(benchmark, name):
     ctx = RunContext(bits=BITS, device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
     data = batch(size)
 
-    def step(network, fused: bool) -> None:
+    def step(network, on: bool) -> None:
         network.zero_grad()
-        with fused_kernels(fused):
+        with switch(on):
             method.train_step(network, data, ctx)
         torch.autograd.graph.increment_version(list(network.parameters()))  # as an optimizer step does
 
-    step(model, True)  # compiles the kernels
-    assert kernels._Settings.failure is None, kernels._Settings.failure  # else both sides would time the eager path
+    step(model, True)  # compiles or loads the kernels
+    assert failure() is None, failure()  # else both sides would time the eager path
     step(eager_model, False)
     ratio, kernel_seconds, eager_seconds = alternating_medians(lambda: step(model, True),
                                                                lambda: step(eager_model, False), ROUNDS)

@@ -18,8 +18,10 @@ bit-width. What remains per bit-width is the rounding forward and the scaling by
 the same float operations on the same values as the uncached node (:class:`_DoReFaWeight`, which runs under
 ``torch.compile`` and with the cache off), so both give the same bits.
 
-The activation quantizer runs as ``hardtanh``'s autograd node with the rounding applied to its fresh output in
-place, without autograd (under ``torch.compile``: one autograd function, :class:`_ClampQuantize`): the composed
+The activation quantizer runs, on float32 CPU tensors in eager mode, as one native operator with a C++ autograd
+node (:mod:`methods.quant.native`: one pass forward, ``hardtanh_backward`` backward, the same bits); elsewhere as
+``hardtanh``'s autograd node with the rounding applied to its fresh output in place, without autograd (under
+``torch.compile``: one autograd function, :class:`_ClampQuantize`): the composed
 formula records seven elementwise operations per call, each with its own full-size output, and it runs at every
 quantized convolution of every bit-width of every step. (Forward-mode AD would see the rounding's zero tangent;
 nothing here uses it.) The fused forward is bit-identical to the composition (STE rounding
@@ -34,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from methods.quant import native
 from methods.quant.backward_ops import clamp_unit_backward
 from methods.quant.ste import quantize_unit
 from methods.quant.version_cache import TermsNode, WeightTerms
@@ -234,6 +237,9 @@ def dorefa_activation(x: torch.Tensor, bits: int, full_precision_act: str = "rel
     levels = 2**bits - 1
     if torch.compiler.is_compiling():
         return _ClampQuantize.apply(x, levels)
+    quantized = native.clamp_round_unit(x, levels)  # one pass and a C++ node (methods.quant.native)
+    if quantized is not None:
+        return quantized
     # hardtanh(x, 0, 1) is the clamp, and its autograd node (C++, no Python call) saves x and backs through
     # hardtanh_backward, the straight-through mask above; rounding its fresh output in place without autograd
     # leaves that node as the gradient, as _ClampQuantize does, with no Python on the forward or backward path.

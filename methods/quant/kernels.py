@@ -15,10 +15,10 @@ reciprocal or reassociating math, which is what keeps a product and a division e
 A kernel runs (:func:`fusable`) on float32 CPU tensors of at least its ``min_elements`` (below that, the compiled
 call's fixed cost exceeds the passes it saves), contiguous or channels_last, outside ``torch.compile`` (a compiled
 network fuses the formula itself). Not on CUDA: inductor's Triton code for a float division is not the IEEE
-division of the eager kernel, so the bits are not guaranteed there. DoReFa's activation quantizer has no kernel:
-its eager form is one ``hardtanh`` node with three in-place passes and a C++ backward, and a compiled forward in an
-autograd function (a Python backward) was no faster (fwd + bwd of a 128 x 16 x 16 x 16 activation: 691 us eager,
-767 us compiled).
+division of the eager kernel, so the bits are not guaranteed there. DoReFa's activation quantizer has no compiled
+kernel: a compiled forward in an autograd function (a Python backward) was no faster than its eager form (fwd + bwd
+of a 128 x 16 x 16 x 16 activation: 691 us eager, 767 us compiled); it has a native C++ operator instead
+(:mod:`methods.quant.native`).
 
 The first call of a kernel compiles it (seconds, once per process; inductor caches the C++ on disk). If compiling
 or running a kernel fails (no C++ compiler, for one), one warning is given and the eager formulas, which compute

@@ -94,6 +94,45 @@ def test_train_step_with_compiled_kernels_gives_the_eager_bits(method_and_model,
         assert a is None or torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_model, synthetic, monkeypatch):
+    """The native operators (methods.quant.native) change no bit of a training step: the losses and every gradient
+    equal those of the PyTorch formulas, signed zeros included; the DoReFa methods' activations do run them."""
+    import copy
+
+    from methods.quant import native
+
+    if not native.native_available():
+        pytest.skip(f"no native operators: {native._State.failure}")
+    runs = []
+    operator = native.clamp_round_unit
+
+    def counted(*args):
+        result = operator(*args)
+        runs.append(result is not None)
+        return result
+
+    monkeypatch.setattr(native, "clamp_round_unit", counted)
+    method, model = method_and_model
+    model.train()
+    indices = torch.arange(8)
+    batch = Batch(synthetic.train.get_batch(indices), synthetic.train.labels[indices], indices)
+    results = []
+    for enabled in (True, False):
+        replica = copy.deepcopy(model)
+        ctx = RunContext(bits=bits_of(method), device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
+        torch.manual_seed(0)
+        runs.clear()
+        with native.native_kernels(enabled):
+            losses = method.train_step(replica, batch, ctx)
+        assert any(runs) == (enabled and method.name in ("anyprecision", "dedicated", "emq"))
+        results.append((losses, [p.grad for p in replica.parameters()]))
+    (native_losses, native_grads), (formula_losses, formula_grads) = results
+    assert native_losses == formula_losses
+    for a, b in zip(native_grads, formula_grads):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def test_storage_grows_with_bits_and_total_covers_each(method_and_model):
     method, model = method_and_model
     sizes = [method.storage(model, b) for b in bits_of(method)]

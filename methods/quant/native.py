@@ -1,0 +1,93 @@
+"""Native CPU operators for the quantizers: C++ kernels built on first use with ``torch.utils.cpp_extension``.
+
+DoReFa's activation quantizer (Zhou et al., arXiv 1606.06160, Sec. 2.3; :func:`methods.quant.dorefa.dorefa_activation`)
+runs at every quantized convolution of every bit-width of every step of Any-Precision, dedicated and EMQ. In eager
+PyTorch it is ``hardtanh`` (a C++ autograd node) followed by three in-place passes (product, rounding, division);
+``mbqbench_native::clamp_round_unit`` (``csrc/clamp_round_unit.cpp``) makes one pass forward and records a C++
+autograd node whose backward is the same ``hardtanh_backward``. It gives the same bits as the eager formula: the
+same IEEE operations in the same order (a NaN passes through, ``-0.0`` stays ``-0.0``, rounding is half to even),
+compiled without fast-math; the tests compare bit patterns, and every float32 bit pattern was compared once at bits
+1, 2, 4 and 8 (``docs/benchmarks.md``).
+
+A compiled (inductor) kernel does not pay here: its call costs about 0.1 ms of guards and wrappers, and the forward
+inside a Python autograd function was no faster than the eager chain. A C++ operator costs a few microseconds to call.
+
+The first use in a process loads the library, building it first if this torch has not built it before (about 20 s
+on 2 cores; the build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and
+reused while the source and torch stay the same). It needs a C++ compiler and ``ninja``. Where either is missing or
+the build fails, one warning is given and the PyTorch formulas, which compute the same values, serve for the rest of
+the process. ``MBQ_NATIVE_KERNELS=0`` in the environment, or :func:`native_kernels`, switches the native operators
+off. They run on float32 CPU tensors outside ``torch.compile`` (a compiled network fuses the formula itself); they
+have no forward-mode derivative (nothing in the suite uses one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+ENVIRONMENT_SWITCH = "MBQ_NATIVE_KERNELS"
+EXTENSION_NAME = "mbqbench_native"
+SOURCES = (Path(__file__).parent / "csrc" / "clamp_round_unit.cpp",)
+
+
+class _State:
+    enabled: bool = os.environ.get(ENVIRONMENT_SWITCH, "1") != "0"
+    loaded: bool | None = None  # None until the first use tries to load the library
+    failure: str | None = None  # why loading failed
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool = True) -> Iterator[None]:
+    """Switch the native operators on or off inside the block (process-wide, not per thread)."""
+    previous = _State.enabled
+    _State.enabled = enabled
+    try:
+        yield
+    finally:
+        _State.enabled = previous
+
+
+def native_available() -> bool:
+    """Whether the native operators are switched on and loaded (the first call loads them, building if needed)."""
+    if not _State.enabled:
+        return False
+    if _State.loaded is None:
+        _State.loaded = _load()
+    return _State.loaded
+
+
+def _load() -> bool:
+    # cpp_extension logs a warning at import on machines without CUDA, which says nothing about a CPU build
+    extension_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = extension_logger.level
+    extension_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(EXTENSION_NAME, [str(source) for source in SOURCES], extra_cflags=["-O3"],
+                           is_python_module=False, verbose=False)
+        return True
+    except Exception as error:  # noqa: BLE001 (no compiler, no ninja, a failed build: the PyTorch formulas serve)
+        lines = str(error).strip().splitlines()
+        _State.failure = f"{type(error).__name__}: {lines[0] if lines else ''}"
+        warnings.warn(f"native quantizer kernels are off for this process ({_State.failure}); the PyTorch formulas "
+                      "give the same values, more slowly", RuntimeWarning, stacklevel=3)
+        return False
+    finally:
+        extension_logger.setLevel(level)
+
+
+def clamp_round_unit(x: torch.Tensor, levels: int) -> torch.Tensor | None:
+    """``round(levels * clamp(x, 0, 1)) / levels`` with the straight-through gradient inside ``(0, 1)``, from the
+    native operator; None where it does not run (not a float32 CPU tensor, switched off or unavailable), and the
+    caller's PyTorch formula then gives the same bits."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not native_available():
+        return None
+    return torch.ops.mbqbench_native.clamp_round_unit(x, levels)
