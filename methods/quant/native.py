@@ -71,8 +71,8 @@ def _load() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(EXTENSION_NAME, [str(source) for source in SOURCES], extra_cflags=["-O3"],
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(EXTENSION_NAME, [str(source) for source in SOURCES],
+                           extra_cflags=["-O3", "-ffp-contract=off"], is_python_module=False, verbose=False)
         return True
     except Exception as error:  # noqa: BLE001 (no compiler, no ninja, a failed build: the PyTorch formulas serve)
         lines = str(error).strip().splitlines()

@@ -5,7 +5,8 @@
 //
 // Same bits as the eager composition: each step is the same IEEE operation in the same order (a clamp that lets
 // NaN through and keeps -0.0 as ATen's does, a product by L, round half to even under the default rounding mode,
-// a division by L). Built without -ffast-math, so the compiler may neither contract nor reassociate them.
+// a division by L). Built with -ffp-contract=off and without -ffast-math, so the compiler may neither contract
+// nor reassociate them.
 // Parallelised by TensorIterator inside libtorch, so this file needs no OpenMP of its own.
 #include <ATen/ATen.h>
 #include <ATen/TensorIterator.h>
