@@ -41,6 +41,7 @@ from harness.method_config import MethodConfig
 from harness.models import CONVOLUTIONAL_MODELS, create_model, role_of
 from harness.registry import register_method
 from harness.topology import Site, quantize_model
+from methods.quant import native
 from methods.quant.distill import soft_cross_entropy
 from methods.quant.dorefa import FULL_PRECISION, dorefa_activation, dorefa_weight
 from methods.quant.modules import QuantConv2d, SwitchableBatchNorm2d
@@ -69,6 +70,7 @@ def dorefa_quantize(model: nn.Module, model_name: str, bits_set: tuple[int, ...]
     the authors' code); set to the highest bit-width."""
     top = max(bits_set)
     activation = partial(dorefa_activation, full_precision_act=full_precision_act)
+    native.preload()
 
     def layer(conv: nn.Conv2d, site: Site) -> nn.Module:
         return QuantConv2d.from_conv(conv, weight_quantizer=dorefa_weight if site.quantize_weight else None,

@@ -100,6 +100,7 @@ from methods.emq_config import (
     emq_activation,
 )
 from methods.emq_scoring import score_training_set, scoring_run, scoring_seed
+from methods.quant import native
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.coreset import coreset_size, draw_coreset, sampling_probabilities
 from methods.quant.distill import soft_cross_entropy
@@ -164,6 +165,7 @@ class EMQ(Method):
         cfg, top = self.cfg, max(bits)
         quantizer = self._weight_quantizer(dorefa_weight)
         activation = partial(emq_activation, act_bits=cfg.act_bits, full_precision_act=cfg.full_precision_act)
+        native.preload()
         bn_mode = "shared" if cfg.shared_bn else "separate"
 
         def conv_constants(conv: nn.Conv2d) -> int:

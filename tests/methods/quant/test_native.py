@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.registry import get_method
 from methods.quant import native
 from methods.quant.dorefa import dorefa_activation, dorefa_activation_reference
 from methods.quant.native import native_kernels
@@ -154,3 +155,10 @@ def test_the_environment_switches_the_native_operators_off():
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, native.ENVIRONMENT_SWITCH: value},
                              cwd=root, capture_output=True, text=True, check=True).stdout
         assert out.strip() == expected
+
+
+@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq"])
+def test_building_a_dorefa_network_loads_the_operators_before_any_timed_phase(name, monkeypatch, synthetic):
+    monkeypatch.setattr(native._State, "loaded", None)
+    get_method(name)().build("resnet20", synthetic.info.num_classes, (2, 4), synthetic.info, 0.25)
+    assert native._State.loaded is True
