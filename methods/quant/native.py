@@ -34,7 +34,7 @@ import torch
 
 ENVIRONMENT_SWITCH = "MBQ_NATIVE_KERNELS"
 EXTENSION_NAME = "mbqbench_native"
-SOURCES = (Path(__file__).parent / "csrc" / "clamp_round_unit.cpp",)
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("clamp_round_unit.cpp", "pact.cpp"))
 
 
 class _State:
@@ -94,6 +94,32 @@ def clamp_round_unit(x: torch.Tensor, levels: int) -> torch.Tensor | None:
     """``round(levels * clamp(x, 0, 1)) / levels`` with the straight-through gradient inside ``(0, 1)``, from the
     native operator; None where it does not run (not a float32 CPU tensor, switched off or unavailable), and the
     caller's PyTorch formula then gives the same bits."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not native_available():
+    if not _runs_on(x):
         return None
     return torch.ops.mbqbench_native.clamp_round_unit(x, levels)
+
+
+def pact_forward(x: torch.Tensor, clip: torch.Tensor, levels: int) -> torch.Tensor | None:
+    """PACT's ``round(L clamp(x, 0, a) / a) / L * a`` (``a = clip``, a one-element tensor) in one pass, for the
+    forward of :class:`methods.quant.pact._PACTQuantize`; None where it does not run (the caller's passes then give
+    the same bits): not float32 CPU, a graph being recorded, switched off or unavailable."""
+    if not _runs_on(x) or torch.is_grad_enabled() or clip.dtype != torch.float32:
+        return None
+    return torch.ops.mbqbench_native.pact_forward(x, float(clip), levels)
+
+
+def pact_backward(x: torch.Tensor, clip: torch.Tensor, grad: torch.Tensor,
+                  levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """PACT's gradient at ``x`` (``grad`` where ``0 < x < a``) and the elementwise ``grad * dy/da`` whose sum is the
+    gradient at ``a``, in one pass; None where it does not run: as :func:`pact_forward`, and where ``grad``'s layout
+    is not ``x``'s (the eager passes' outputs would take another layout, and the sum adds in memory order)."""
+    if (not _runs_on(x) or torch.is_grad_enabled() or clip.dtype != torch.float32 or grad.dtype != torch.float32
+            or grad.stride() != x.stride()):
+        return None
+    return torch.ops.mbqbench_native.pact_backward(x, grad, float(clip), levels)
+
+
+def _runs_on(x: torch.Tensor) -> bool:
+    """Float32 on the CPU, outside ``torch.compile`` (a compiled network fuses the formulas itself), switched on."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and native_available())

@@ -63,6 +63,7 @@ def test_train_step_with_compiled_kernels_gives_the_eager_bits(method_and_model,
     import copy
 
     from methods.quant.kernels import CompiledKernel, fused_kernels
+    from methods.quant.native import native_kernels
 
     runs = []
     call = CompiledKernel.__call__
@@ -82,7 +83,7 @@ def test_train_step_with_compiled_kernels_gives_the_eager_bits(method_and_model,
         replica = copy.deepcopy(model)
         ctx = RunContext(bits=bits_of(method), device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
         torch.manual_seed(0)
-        with fused_kernels(fused, min_elements=1):
+        with fused_kernels(fused, min_elements=1), native_kernels(False):  # PACT would take the native loops first
             losses = method.train_step(replica, batch, ctx)
         results.append((losses, [p.grad for p in replica.parameters()]))
         if fused and method.name in ("adabits", "mbquant"):  # the methods whose quantizers have kernels
@@ -96,7 +97,7 @@ def test_train_step_with_compiled_kernels_gives_the_eager_bits(method_and_model,
 
 def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_model, synthetic, monkeypatch):
     """The native operators (methods.quant.native) change no bit of a training step: the losses and every gradient
-    equal those of the PyTorch formulas, signed zeros included; the DoReFa methods' activations do run them."""
+    equal those of the PyTorch formulas, signed zeros included; the DoReFa and PACT activations do run them."""
     import copy
 
     from methods.quant import native
@@ -104,14 +105,17 @@ def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_mode
     if not native.native_available():
         pytest.skip(f"no native operators: {native._State.failure}")
     runs = []
-    operator = native.clamp_round_unit
 
-    def counted(*args):
-        result = operator(*args)
-        runs.append(result is not None)
-        return result
+    def counting(operator):
+        def counted(*args):
+            result = operator(*args)
+            runs.append(result is not None)
+            return result
 
-    monkeypatch.setattr(native, "clamp_round_unit", counted)
+        return counted
+
+    for name in ("clamp_round_unit", "pact_forward", "pact_backward"):
+        monkeypatch.setattr(native, name, counting(getattr(native, name)))
     method, model = method_and_model
     model.train()
     indices = torch.arange(8)
@@ -124,7 +128,7 @@ def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_mode
         runs.clear()
         with native.native_kernels(enabled):
             losses = method.train_step(replica, batch, ctx)
-        assert any(runs) == (enabled and method.name in ("anyprecision", "dedicated", "emq"))
+        assert any(runs) == (enabled and method.name in ("anyprecision", "dedicated", "emq", "adabits"))
         results.append((losses, [p.grad for p in replica.parameters()]))
     (native_losses, native_grads), (formula_losses, formula_grads) = results
     assert native_losses == formula_losses

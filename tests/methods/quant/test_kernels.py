@@ -1,4 +1,5 @@
-"""The compiled quantizer kernels against the eager formulas, bit for bit (methods/quant/kernels.py)."""
+"""The compiled quantizer kernels against the eager formulas, bit for bit (methods/quant/kernels.py); the native
+operators, which PACT tries first, are switched off here (tests/methods/quant/test_native.py tests them)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,19 @@ import torch
 from methods.quant import kernels
 from methods.quant.bounded import bounded_quantize
 from methods.quant.kernels import CompiledKernel, fusable, fused_kernels
+from methods.quant.native import native_kernels
 from methods.quant.pact import pact_quantize
 
 BITS = [1, 2, 3, 4, 5, 6, 7, 8, 32]
 LAYOUTS = ["contiguous", "channels_last"]
 # the values where a clamp, a rounding or a comparison could tell two implementations apart
 EDGES = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -1e-40, 0.5, 1.0, 3.0, -3.0]
+
+
+@pytest.fixture(autouse=True)
+def without_native_operators():
+    with native_kernels(False):
+        yield
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
-"""The native DoReFa activation operator (methods/quant/native.py) against the PyTorch formula it replaces: the same
-bits forward and backward (Zhou et al. 2016, Sec. 2.3: round(L clamp(x, 0, 1)) / L, straight-through inside (0, 1))."""
+"""The native operators (methods/quant/native.py) against the PyTorch passes they replace: the same bits forward and
+backward. DoReFa's activation (Zhou et al. 2016, Sec. 2.3: round(L clamp(x, 0, 1)) / L, straight-through inside
+(0, 1)) and PACT's (Choi et al. 2018 in AdaBits' form: round(L clamp(x, 0, a) / a) / L * a, with its gradients at x and
+at a)."""
 
 import os
 import subprocess
@@ -13,7 +15,9 @@ import torch
 from harness.registry import get_method
 from methods.quant import native
 from methods.quant.dorefa import dorefa_activation, dorefa_activation_reference
+from methods.quant.kernels import fused_kernels
 from methods.quant.native import native_kernels
+from methods.quant.pact import pact_quantize
 
 pytestmark = pytest.mark.skipif(not native.native_available(), reason=f"no native operators: {native._State.failure}")
 
@@ -162,3 +166,77 @@ def test_building_a_dorefa_network_loads_the_operators_before_any_timed_phase(na
     monkeypatch.setattr(native._State, "loaded", None)
     get_method(name)().build("resnet20", synthetic.info.num_classes, (2, 4), synthetic.info, 0.25)
     assert native._State.loaded is True
+
+
+def pact_results(x: torch.Tensor, alpha: float, bits: int, grad: torch.Tensor, *, enabled: bool):
+    """PACT's output, input gradient and clipping-level gradient with the native loops on, or with them and the
+    compiled kernels off (the eager passes)."""
+    leaf, level = x.detach().clone().requires_grad_(), torch.tensor(alpha, requires_grad=True)
+    with native_kernels(enabled), fused_kernels(False):
+        out = pact_quantize(leaf, level, bits)
+        out.backward(grad.reshape(out.shape))
+    return out, leaf.grad, level.grad
+
+
+@pytest.mark.parametrize("alpha", [1.0, -2.5, 0.37, 6.0])
+@pytest.mark.parametrize("bits", BITS)
+def test_pact_forward_and_gradients_bits_equal_the_eager_passes(bits, alpha):
+    torch.manual_seed(bits)
+    clip = abs(alpha)
+    levels = 2**bits - 1
+    grid = torch.arange(levels + 1, dtype=torch.float64) / levels * clip
+    half_steps = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels * clip
+    points = torch.cat((grid, half_steps, torch.tensor([clip, 0.0], dtype=torch.float64))).float()
+    neighbours = torch.cat((points, torch.nextafter(points, torch.tensor(1e9)), torch.nextafter(points,
+                                                                                                torch.tensor(-1e9))))
+    edges = torch.tensor([float("nan"), -float("nan"), -0.0, float("inf"), -float("inf"), 1e-45, -1e-45, -1.0, 1e30])
+    x = torch.cat((edges, neighbours, torch.randn(20_000) * clip + clip / 2))
+    grad = torch.randn_like(x)
+    grad[:3] = torch.tensor([-0.0, float("inf"), 1e-45])
+    native_results = pact_results(x, alpha, bits, grad, enabled=True)
+    eager_results = pact_results(x, alpha, bits, grad, enabled=False)
+    for a, b in zip(native_results, eager_results):
+        assert torch.equal(bits_of(a), bits_of(b))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced", "expanded"])
+def test_pact_layouts_give_the_eager_bits_and_strides(layout):
+    torch.manual_seed(0)
+    base = torch.randn(4, 6, 5, 3) * 2
+    views = {"channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+             "transposed": lambda t: t.transpose(1, 3), "sliced": lambda t: t[:, ::2],
+             "expanded": lambda t: t[:, :1].expand(4, 6, 5, 3)}
+    results = []
+    for enabled in (True, False):
+        leaf, level = base.clone().requires_grad_(), torch.tensor(1.5, requires_grad=True)
+        with native_kernels(enabled), fused_kernels(False):
+            out = pact_quantize(views[layout](leaf), level, 3)
+            out.backward(torch.arange(out.numel(), dtype=torch.float32).reshape(out.shape) / 11 - 4)
+        results.append((out, leaf.grad, level.grad))
+    (out, grad_x, grad_alpha), (expected, expected_x, expected_alpha) = results
+    assert out.stride() == expected.stride()
+    for a, b in ((out, expected), (grad_x, expected_x), (grad_alpha, expected_alpha)):
+        assert torch.equal(bits_of(a), bits_of(b))
+
+
+def test_pact_loops_run_only_outside_a_recorded_graph():
+    x, clip, grad = torch.rand(20), torch.tensor(0.5), torch.rand(20)
+    # a double backward records the backward pass: the eager passes serve
+    assert native.pact_forward(x, clip, 3) is None and native.pact_backward(x, clip, grad, 3) is None
+    with torch.no_grad():  # as inside the autograd function's forward and a plain backward
+        assert native.pact_forward(x, clip, 3) is not None and native.pact_backward(x, clip, grad, 3) is not None
+        assert native.pact_backward(x.reshape(4, 5), clip, grad.reshape(5, 4).t(), 3) is None  # another layout
+
+
+def test_pact_double_backward_equals_the_eager_passes():
+    torch.manual_seed(2)
+    x, upstream_values = torch.randn(200) * 2, torch.randn(200)
+    results = []
+    for enabled in (True, False):
+        leaf, level = x.clone().requires_grad_(), torch.tensor(1.2, requires_grad=True)
+        upstream = upstream_values.clone().requires_grad_()
+        with native_kernels(enabled), fused_kernels(False):
+            grads = torch.autograd.grad(pact_quantize(leaf, level, 2), (leaf, level), upstream, create_graph=True)
+            second = torch.autograd.grad(grads[1] + (grads[0] * torch.arange(200.0)).sum(), upstream)
+        results.append((*grads, *second))
+    assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))

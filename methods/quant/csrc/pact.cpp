@@ -1,0 +1,117 @@
+// PACT's activation quantizer (Choi et al., arXiv 1805.06085; AdaBits' form, Jin et al., arXiv 1912.09666,
+// Sec. 3.3) as two CPU loops for methods/quant/pact.py's autograd function, each one pass over memory where eager
+// PyTorch makes six passes forward and about twelve backward:
+//   forward   y = round(L clamp(x, 0, a) / a) / L * a
+//   backward  g where 0 < x < a (else 0), and g * dy/da with dy/da = (round(s) - s) / L + [x >= a],
+//             s = clamp(x, 0, a) / a * L; the caller sums the second output with ATen's sum, as the eager path does.
+// Same bits as methods/quant/pact.py's eager passes: the same IEEE operations in their order (clamp letting NaN
+// through and keeping -0.0, then /a, *L, round half to even, /L, *a; threshold_backward's "x <= 0 gives +0"),
+// built with -ffp-contract=off and without -ffast-math. Parallelised by TensorIterator inside libtorch.
+#include <ATen/ATen.h>
+#include <ATen/TensorIterator.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MBQ_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MBQ_TARGET_CLONES
+#endif
+
+inline float clip_between(float value, float clip) {
+  return std::isnan(value) ? value : std::min(std::max(value, 0.0f), clip);  // ATen's clamp with scalar bounds
+}
+
+inline float pact_value(float x, float clip, float levels) {
+  return std::rint(clip_between(x, clip) / clip * levels) / levels * clip;
+}
+
+inline void pact_gradients(float x, float grad, float clip, float levels, float* grad_x, float* product) {
+  *grad_x = (x <= 0.0f || clip - x <= 0.0f) ? 0.0f : grad;
+  const float scaled = clip_between(x, clip) / clip * levels;
+  const float dy_da = (std::rint(scaled) - scaled) / levels + (x >= clip ? 1.0f : 0.0f);
+  *product = grad * dy_da;
+}
+
+MBQ_TARGET_CLONES void pact_forward_contiguous(const float* x, float* out, int64_t count, float clip, float levels) {
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = pact_value(x[i], clip, levels);
+  }
+}
+
+MBQ_TARGET_CLONES void pact_backward_contiguous(const float* x, const float* grad, float* grad_x, float* product,
+                                                int64_t count, float clip, float levels) {
+  for (int64_t i = 0; i < count; ++i) {
+    pact_gradients(x[i], grad[i], clip, levels, grad_x + i, product + i);
+  }
+}
+
+template <typename T>
+T* at_stride(char* base, int64_t stride, int64_t i) {
+  return reinterpret_cast<T*>(base + i * stride);
+}
+
+at::Tensor pact_forward(const at::Tensor& x, double clip, int64_t levels) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "pact_forward: expected float32, got ", x.scalar_type());
+  at::Tensor result;
+  auto iter = at::TensorIteratorConfig().add_output(result).add_const_input(x).build();
+  const auto a = static_cast<float>(clip);
+  const auto scale = static_cast<float>(levels);
+  iter.for_each([a, scale](char** data, const int64_t* strides, int64_t count) {
+    if (strides[0] == sizeof(float) && strides[1] == sizeof(float)) {
+      pact_forward_contiguous(reinterpret_cast<const float*>(data[1]), reinterpret_cast<float*>(data[0]), count, a,
+                              scale);
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        *at_stride<float>(data[0], strides[0], i) = pact_value(*at_stride<float>(data[1], strides[1], i), a, scale);
+      }
+    }
+  });
+  return iter.output();
+}
+
+std::tuple<at::Tensor, at::Tensor> pact_backward(const at::Tensor& x, const at::Tensor& grad, double clip,
+                                                 int64_t levels) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat,
+              "pact_backward: expected float32 tensors");
+  at::Tensor grad_x;
+  at::Tensor product;
+  auto iter = at::TensorIteratorConfig()
+                  .add_output(grad_x)
+                  .add_output(product)
+                  .add_const_input(x)
+                  .add_const_input(grad)
+                  .build();
+  const auto a = static_cast<float>(clip);
+  const auto scale = static_cast<float>(levels);
+  iter.for_each([a, scale](char** data, const int64_t* strides, int64_t count) {
+    const bool unit = strides[0] == sizeof(float) && strides[1] == sizeof(float) && strides[2] == sizeof(float) &&
+                      strides[3] == sizeof(float);
+    if (unit) {
+      pact_backward_contiguous(reinterpret_cast<const float*>(data[2]), reinterpret_cast<const float*>(data[3]),
+                               reinterpret_cast<float*>(data[0]), reinterpret_cast<float*>(data[1]), count, a, scale);
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        pact_gradients(*at_stride<float>(data[2], strides[2], i), *at_stride<float>(data[3], strides[3], i), a, scale,
+                       at_stride<float>(data[0], strides[0], i), at_stride<float>(data[1], strides[1], i));
+      }
+    }
+  });
+  return {iter.output(0), iter.output(1)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
+  m.def("pact_forward(Tensor x, float clip, int levels) -> Tensor");
+  m.def("pact_backward(Tensor x, Tensor grad, float clip, int levels) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mbqbench_native, CPU, m) {
+  m.impl("pact_forward", &pact_forward);
+  m.impl("pact_backward", &pact_backward);
+}
