@@ -1,7 +1,8 @@
 """A training step with the quantizer kernels against the same step without them: the compiled kernels
 (methods/quant/kernels.py) for AdaBits (PACT activations) and MBQuant (bounded activations) at 32x32 inputs, where
-they run, and the native DoReFa activation operator (methods/quant/native.py) for Any-Precision, dedicated and EMQ at
-8x8 and 32x32.
+they run (with the native operators off), and the native operators (methods/quant/native.py: DoReFa, PACT and
+bounded quantizers) for every quantized method at 8x8 and 32x32 (off: the compiled kernels where they run, else the
+eager passes).
 
 Each method at its benchmark setting (ResNet-20, batch 128, bits 2,4,8); the timed step is the kernels' one, and
 ``extra_info`` holds ``eager_over_kernels``: the median over rounds of a step without them over the kernel step
@@ -29,11 +30,12 @@ ROUNDS = 7
 
 @pytest.mark.parametrize("name", ["adabits", "mbquant"])
 def test_step_with_and_without_kernels(benchmark, name):
-    _step_with_and_without(benchmark, name, SIZES["32x32"], fused_kernels, lambda: kernels._Settings.failure)
+    with native_kernels(False):
+        _step_with_and_without(benchmark, name, SIZES["32x32"], fused_kernels, lambda: kernels._Settings.failure)
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
-@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq"])
+@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq", "adabits", "mbquant"])
 def test_step_with_and_without_native(benchmark, name, size):
     _step_with_and_without(benchmark, name, SIZES[size], native_kernels, lambda: native._State.failure)
 

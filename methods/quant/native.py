@@ -34,7 +34,7 @@ import torch
 
 ENVIRONMENT_SWITCH = "MBQ_NATIVE_KERNELS"
 EXTENSION_NAME = "mbqbench_native"
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("clamp_round_unit.cpp", "pact.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("clamp_round_unit.cpp", "pact.cpp", "bounded.cpp"))
 
 
 class _State:
@@ -117,6 +117,39 @@ def pact_backward(x: torch.Tensor, clip: torch.Tensor, grad: torch.Tensor,
             or grad.stride() != x.stride()):
         return None
     return torch.ops.mbqbench_native.pact_backward(x, grad, float(clip), levels)
+
+
+def bounded_forward(x: torch.Tensor, lower: torch.Tensor, inverse_gap: torch.Tensor,
+                    levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """MBQuant's ``n = (x - l) * g_inv`` and ``round(L clamp(n, 0, 1)) / L`` (bounds broadcast against ``x``) in one
+    pass, for :class:`methods.quant.bounded._BoundedQuantize`; None where it does not run (the caller's passes then
+    give the same bits): as :func:`pact_forward`, and unless ``x`` is dense (contiguous or channels_last), the bounds
+    float32 and broadcast to ``x``'s shape, and the outputs come out in ``x``'s layout (the bounds' gradients are
+    sums over them, which add in memory order)."""
+    if (not _runs_on(x) or torch.is_grad_enabled() or not _dense(x)
+            or any(b.dtype != torch.float32 or torch.broadcast_shapes(b.shape, x.shape) != x.shape
+                   for b in (lower, inverse_gap))):
+        return None
+    normalized, quantized = torch.ops.mbqbench_native.bounded_forward(x, lower, inverse_gap, levels)
+    return (normalized, quantized) if normalized.stride() == x.stride() else None
+
+
+def bounded_backward(normalized: torch.Tensor, inverse_gap: torch.Tensor, grad: torch.Tensor, below: float,
+                     above: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """MBQuant's straight-through gradient at ``n`` (``grad * g_inv`` where ``below < n < above``, else 0) and its
+    product with ``n``, in one pass; None where it does not run: as :func:`bounded_forward`, and where ``grad``'s
+    layout is not ``n``'s."""
+    if (not _runs_on(normalized) or torch.is_grad_enabled() or not _dense(normalized)
+            or grad.dtype != torch.float32 or grad.stride() != normalized.stride()
+            or inverse_gap.dtype != torch.float32
+            or torch.broadcast_shapes(inverse_gap.shape, normalized.shape) != normalized.shape):
+        return None
+    grad_normalized, product = torch.ops.mbqbench_native.bounded_backward(normalized, inverse_gap, grad, below, above)
+    return (grad_normalized, product) if grad_normalized.stride() == normalized.stride() else None
+
+
+def _dense(x: torch.Tensor) -> bool:
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _runs_on(x: torch.Tensor) -> bool:

@@ -97,7 +97,7 @@ def test_train_step_with_compiled_kernels_gives_the_eager_bits(method_and_model,
 
 def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_model, synthetic, monkeypatch):
     """The native operators (methods.quant.native) change no bit of a training step: the losses and every gradient
-    equal those of the PyTorch formulas, signed zeros included; the DoReFa and PACT activations do run them."""
+    equal those of the PyTorch formulas, signed zeros included; every quantized method does run them."""
     import copy
 
     from methods.quant import native
@@ -114,7 +114,7 @@ def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_mode
 
         return counted
 
-    for name in ("clamp_round_unit", "pact_forward", "pact_backward"):
+    for name in ("clamp_round_unit", "pact_forward", "pact_backward", "bounded_forward", "bounded_backward"):
         monkeypatch.setattr(native, name, counting(getattr(native, name)))
     method, model = method_and_model
     model.train()
@@ -128,7 +128,7 @@ def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_mode
         runs.clear()
         with native.native_kernels(enabled):
             losses = method.train_step(replica, batch, ctx)
-        assert any(runs) == (enabled and method.name in ("anyprecision", "dedicated", "emq", "adabits"))
+        assert any(runs) == (enabled and method.name in ("anyprecision", "dedicated", "emq", "adabits", "mbquant"))
         results.append((losses, [p.grad for p in replica.parameters()]))
     (native_losses, native_grads), (formula_losses, formula_grads) = results
     assert native_losses == formula_losses

@@ -14,6 +14,7 @@ import torch
 
 from harness.registry import get_method
 from methods.quant import native
+from methods.quant.bounded import bounded_quantize
 from methods.quant.dorefa import dorefa_activation, dorefa_activation_reference
 from methods.quant.kernels import fused_kernels
 from methods.quant.native import native_kernels
@@ -240,3 +241,64 @@ def test_pact_double_backward_equals_the_eager_passes():
             second = torch.autograd.grad(grads[1] + (grads[0] * torch.arange(200.0)).sum(), upstream)
         results.append((*grads, *second))
     assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))
+
+
+def bounded_results(x, lower, upper, upstream, bits: int, *, enabled: bool) -> list[torch.Tensor]:
+    """MBQuant's bounded quantizer: the output and the gradients at x and both bounds, with the native loops on, or
+    with them and the compiled kernels off (the eager passes)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, lower, upper)]  # clone keeps the memory format
+    with native_kernels(enabled), fused_kernels(False):
+        out = bounded_quantize(*leaves, bits)
+        out.backward(upstream)
+    return [out, *(leaf.grad for leaf in leaves)]
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bits", BITS)
+def test_bounded_forward_and_gradients_bits_equal_the_eager_passes(bits, memory_format, monkeypatch):
+    runs = []
+    for name in ("bounded_forward", "bounded_backward"):
+        operator = getattr(torch.ops.mbqbench_native, name)
+        monkeypatch.setattr(torch.ops.mbqbench_native, name, lambda *args, op=operator: runs.append(1) or op(*args))
+    generator = torch.Generator().manual_seed(bits)
+    lower = torch.randn(1, 16, 1, 1, generator=generator) * 0.3 - 0.5
+    upper = lower + torch.rand(1, 16, 1, 1, generator=generator) * 2
+    upper[0, 3] = lower[0, 3]  # a collapsed pair: its gap is clamped and its n-terms vanish
+    x = torch.randn(8, 16, 6, 6, generator=generator) * 2
+    # at the bounds (the inclusive mask passes the gradient there), signed zeros, infinities, subnormals; no NaN,
+    # where the eager mask's value depends on the element's position
+    edges = torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), 1e-40, -1e-40, *lower.view(-1)[:4],
+                          *upper.view(-1)[:4]])
+    x.view(-1)[:len(edges)] = edges
+    x.view(-1)[-len(edges):] = edges
+    upstream = torch.randn(8, 16, 6, 6, generator=generator)
+    upstream.view(-1)[:4] = torch.tensor([-0.0, float("inf"), -float("inf"), 1e-40])
+    if memory_format == "channels_last":
+        x, upstream = (t.contiguous(memory_format=torch.channels_last) for t in (x, upstream))
+    native_results = bounded_results(x, lower, upper, upstream, bits, enabled=True)
+    assert len(runs) == 2
+    eager_results = bounded_results(x, lower, upper, upstream, bits, enabled=False)
+    for a, b in zip(native_results, eager_results):
+        assert a.stride() == b.stride()
+        assert torch.equal(bits_of(a), bits_of(b))
+
+
+def test_bounded_weight_layout_and_fallbacks():
+    """A weight's bounds (one pair per branch, 5-d) run natively; a strided input or an upstream gradient in another
+    layout, and EWGS scaling, take the eager passes; every case gives the eager bits."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(4, 8, 8, 3, 3, generator=generator) * 0.1
+    lower, upper = torch.full((4, 1, 1, 1, 1), -0.2), torch.full((4, 1, 1, 1, 1), 0.25)
+    cases = [(weight, torch.randn(4, 8, 8, 3, 3, generator=generator), 0.0),
+             (weight.transpose(1, 2), torch.randn(4, 8, 8, 3, 3, generator=generator).transpose(1, 2), 0.0),
+             (weight, torch.randn(4, 8, 3, 3, 8, generator=generator).permute(0, 1, 4, 2, 3), 0.0),
+             (weight, torch.randn(4, 8, 8, 3, 3, generator=generator), 0.3)]
+    for x, upstream, delta in cases:
+        results = []
+        for enabled in (True, False):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, lower, upper)]
+            with native_kernels(enabled), fused_kernels(False):
+                out = bounded_quantize(*leaves, 2, backward_scaling=delta)
+                out.backward(upstream)
+            results.append([out, *(leaf.grad for leaf in leaves)])
+        assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))
