@@ -37,6 +37,13 @@ EXTENSION_NAME = "mbqbench_native"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("clamp_round_unit.cpp", "pact.cpp", "bounded.cpp"))
 
 
+#: the smallest tensors the bounded quantizer's loops take: below it (MBQuant's weights, a few thousand to 147K
+#: elements) the call's Python checks cost more than the passes saved; an MBQuant 8x8 step (activations from 131K
+#: elements) took 0.96-0.98 of its time without the loops when they took every tensor, 1.01-1.02 from this size on
+#: (alternating pairs on 2 Xeon cores)
+BOUNDED_MIN_ELEMENTS = 1 << 17
+
+
 class _State:
     enabled: bool = os.environ.get(ENVIRONMENT_SWITCH, "1") != "0"
     loaded: bool | None = None  # None until the first use tries to load the library
@@ -123,10 +130,10 @@ def bounded_forward(x: torch.Tensor, lower: torch.Tensor, inverse_gap: torch.Ten
                     levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """MBQuant's ``n = (x - l) * g_inv`` and ``round(L clamp(n, 0, 1)) / L`` (bounds broadcast against ``x``) in one
     pass, for :class:`methods.quant.bounded._BoundedQuantize`; None where it does not run (the caller's passes then
-    give the same bits): as :func:`pact_forward`, and unless ``x`` is dense (contiguous or channels_last), the bounds
-    float32 and broadcast to ``x``'s shape, and the outputs come out in ``x``'s layout (the bounds' gradients are
-    sums over them, which add in memory order)."""
-    if (not _runs_on(x) or torch.is_grad_enabled() or not _dense(x)
+    give the same bits): as :func:`pact_forward`, below :data:`BOUNDED_MIN_ELEMENTS`, and unless ``x`` is dense
+    (contiguous or channels_last), the bounds float32 and broadcast to ``x``'s shape, and the outputs come out in
+    ``x``'s layout (the bounds' gradients are sums over them, which add in memory order)."""
+    if (x.numel() < BOUNDED_MIN_ELEMENTS or not _runs_on(x) or torch.is_grad_enabled() or not _dense(x)
             or any(b.dtype != torch.float32 or torch.broadcast_shapes(b.shape, x.shape) != x.shape
                    for b in (lower, inverse_gap))):
         return None
@@ -139,7 +146,8 @@ def bounded_backward(normalized: torch.Tensor, inverse_gap: torch.Tensor, grad: 
     """MBQuant's straight-through gradient at ``n`` (``grad * g_inv`` where ``below < n < above``, else 0) and its
     product with ``n``, in one pass; None where it does not run: as :func:`bounded_forward`, and where ``grad``'s
     layout is not ``n``'s."""
-    if (not _runs_on(normalized) or torch.is_grad_enabled() or not _dense(normalized)
+    if (normalized.numel() < BOUNDED_MIN_ELEMENTS or not _runs_on(normalized) or torch.is_grad_enabled()
+            or not _dense(normalized)
             or grad.dtype != torch.float32 or grad.stride() != normalized.stride()
             or inverse_gap.dtype != torch.float32
             or torch.broadcast_shapes(inverse_gap.shape, normalized.shape) != normalized.shape):

@@ -256,6 +256,7 @@ def bounded_results(x, lower, upper, upstream, bits: int, *, enabled: bool) -> l
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("bits", BITS)
 def test_bounded_forward_and_gradients_bits_equal_the_eager_passes(bits, memory_format, monkeypatch):
+    monkeypatch.setattr(native, "BOUNDED_MIN_ELEMENTS", 1)
     runs = []
     for name in ("bounded_forward", "bounded_backward"):
         operator = getattr(torch.ops.mbqbench_native, name)
@@ -283,9 +284,10 @@ def test_bounded_forward_and_gradients_bits_equal_the_eager_passes(bits, memory_
         assert torch.equal(bits_of(a), bits_of(b))
 
 
-def test_bounded_weight_layout_and_fallbacks():
+def test_bounded_weight_layout_and_fallbacks(monkeypatch):
     """A weight's bounds (one pair per branch, 5-d) run natively; a strided input or an upstream gradient in another
     layout, and EWGS scaling, take the eager passes; every case gives the eager bits."""
+    monkeypatch.setattr(native, "BOUNDED_MIN_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(4, 8, 8, 3, 3, generator=generator) * 0.1
     lower, upper = torch.full((4, 1, 1, 1, 1), -0.2), torch.full((4, 1, 1, 1, 1), 0.25)
@@ -302,3 +304,11 @@ def test_bounded_weight_layout_and_fallbacks():
                 out.backward(upstream)
             results.append([out, *(leaf.grad for leaf in leaves)])
         assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))
+
+
+def test_bounded_loops_skip_small_tensors():
+    x, lower, gap = torch.rand(2, 8, 4, 4), torch.zeros(1, 8, 1, 1), torch.ones(1, 8, 1, 1)
+    with torch.no_grad():
+        assert x.numel() < native.BOUNDED_MIN_ELEMENTS and native.bounded_forward(x, lower, gap, 3) is None
+        big = torch.rand(native.BOUNDED_MIN_ELEMENTS // 128, 8, 4, 4)
+        assert native.bounded_forward(big, lower, gap, 3) is not None
