@@ -102,6 +102,7 @@ from harness.models import CONVOLUTIONAL_MODELS, role_of
 from harness.registry import register_method
 from harness.topology import Site, Topology, declare_topology, quantize_model
 from methods.anyprecision import create_fp_model
+from methods.quant import native
 from methods.quant.dorefa import FULL_PRECISION
 from methods.quant.modules import SwitchableBatchNorm2d, set_model_bits
 from methods.quant.pact import SwitchablePACT
@@ -231,6 +232,7 @@ class AdaBits(Method):
     def build(self, model_name: str, num_classes: int, bits: tuple[int, ...], data_info: Any, width: float):
         self.check_bits(bits)
         model = create_fp_model(model_name, num_classes, data_info, self.cfg.width or width)
+        native.preload()  # PACT's native loops: a first build here, not in a timed phase
         return batch_weights(adabits_network(model, model_name, bits, self.cfg))
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:

@@ -16,6 +16,10 @@ gradient scaling ``g_n = g_q (1 + delta sign(g_q) (x_n - x_q))`` (``delta = 0``:
 Bounds initialization: ``u_W = 3 std(w_branch)``, ``l_W = -3 std(w_branch)``; ``u_A = 3 std(x) / sqrt(1 - 2/pi)``,
 ``l_A = min(x)`` over the branch's slice of the layer input at that bit-width. ``std`` is torch's default
 (unbiased, Bessel-corrected).
+
+The forward pass and, with plain STE, the backward's elementwise part each run as one loop where they can, with
+the same bits: native C++ (:mod:`methods.quant.native`, from 131K elements), else compiled
+(:mod:`methods.quant.kernels`, from 1M).
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ kernel: a compiled forward in an autograd function (a Python backward) was no fa
 of a 128 x 16 x 16 x 16 activation: 691 us eager, 767 us compiled); it has a native C++ operator instead
 (:mod:`methods.quant.native`).
 
+PACT and the bounded quantizer try the native C++ loops of :mod:`methods.quant.native` first (no compiled call's
+fixed cost, so they pay at every size); these kernels serve where the native loops are unavailable or switched off.
+
 The first call of a kernel compiles it (seconds, once per process; inductor caches the C++ on disk). If compiling
 or running a kernel fails (no C++ compiler, for one), one warning is given and the eager formulas, which compute
 the same values, serve for the rest of the process. ``MBQ_FUSED_KERNELS=0`` in the environment, or

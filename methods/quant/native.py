@@ -1,13 +1,20 @@
-"""Native CPU operators for the quantizers: C++ kernels built on first use with ``torch.utils.cpp_extension``.
+"""Native CPU operators for the quantizers: C++ loops built on first use with ``torch.utils.cpp_extension``.
 
-DoReFa's activation quantizer (Zhou et al., arXiv 1606.06160, Sec. 2.3; :func:`methods.quant.dorefa.dorefa_activation`)
-runs at every quantized convolution of every bit-width of every step of Any-Precision, dedicated and EMQ. In eager
-PyTorch it is ``hardtanh`` (a C++ autograd node) followed by three in-place passes (product, rounding, division);
-``mbqbench_native::clamp_round_unit`` (``csrc/clamp_round_unit.cpp``) makes one pass forward and records a C++
-autograd node whose backward is the same ``hardtanh_backward``. It gives the same bits as the eager formula: the
-same IEEE operations in the same order (a NaN passes through, ``-0.0`` stays ``-0.0``, rounding is half to even),
-compiled without fast-math; the tests compare bit patterns, and every float32 bit pattern was compared once at bits
-1, 2, 4 and 8 (``docs/benchmarks.md``).
+Three quantizers, each a chain of elementwise passes in eager PyTorch, get one loop forward and one backward
+(``csrc/``): DoReFa's activation (below), PACT's (AdaBits; :mod:`methods.quant.pact`) and MBQuant's bounded
+quantizer (:mod:`methods.quant.bounded`). The last two run inside their Python autograd functions, which try them
+before the compiled kernels of :mod:`methods.quant.kernels`; the sums that give a clipping level's or a bound's
+gradient stay ATen's, over a product in the input's layout, so they add in the same order. Each loop does the
+eager passes' IEEE operations in their order, so the same bits (the tests compare bit patterns).
+
+DoReFa's activation quantizer (Zhou et al., arXiv 1606.06160, Sec. 2.3;
+:func:`methods.quant.dorefa.dorefa_activation`) runs at every quantized convolution of every bit-width of every
+step of Any-Precision, dedicated and EMQ. In eager PyTorch it is ``hardtanh`` (a C++ autograd node) followed by
+three in-place passes (product, rounding, division); ``mbqbench_native::clamp_round_unit``
+(``csrc/clamp_round_unit.cpp``) makes one pass forward and records a C++ autograd node whose backward is the same
+``hardtanh_backward``. It gives the same bits as the eager formula: the same IEEE operations in the same order (a
+NaN passes through, ``-0.0`` stays ``-0.0``, rounding is half to even), compiled without fast-math; the tests
+compare bit patterns, and every float32 bit pattern was compared once at bits 1, 2, 4 and 8 (``docs/benchmarks.md``).
 
 A compiled (inductor) kernel does not pay here: its call costs about 0.1 ms of guards and wrappers, and the forward
 inside a Python autograd function was no faster than the eager chain. A C++ operator costs a few microseconds to call.

@@ -20,7 +20,8 @@ forward repeats the composition's float operations in its order, so it is bit-id
 ``t + (round(t) - t)`` is ``round(t)`` exactly, and ``clamp(x, 0, a)`` selects the same values as
 ``where(x < a, relu(x), a)`` for ``a > 0``); it saves ``x`` alone and its backward computes the closed-form
 gradients above, which equal the composition's up to float rounding (the composition forms ``((g a) / L) L / a``
-where the closed form has ``g``).
+where the closed form has ``g``). Its forward and its backward's elementwise part each run as one loop where they
+can, with the same bits: native C++ (:mod:`methods.quant.native`), else compiled (:mod:`methods.quant.kernels`).
 """
 
 from __future__ import annotations

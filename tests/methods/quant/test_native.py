@@ -162,8 +162,8 @@ def test_the_environment_switches_the_native_operators_off():
         assert out.strip() == expected
 
 
-@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq"])
-def test_building_a_dorefa_network_loads_the_operators_before_any_timed_phase(name, monkeypatch, synthetic):
+@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq", "adabits", "mbquant"])
+def test_building_a_quantized_network_loads_the_operators_before_any_timed_phase(name, monkeypatch, synthetic):
     monkeypatch.setattr(native._State, "loaded", None)
     get_method(name)().build("resnet20", synthetic.info.num_classes, (2, 4), synthetic.info, 0.25)
     assert native._State.loaded is True
