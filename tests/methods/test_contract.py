@@ -57,85 +57,79 @@ def test_train_step_counts_one_pass_per_sample_and_bit_width(method_and_model, s
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def step_with_and_without(method_and_model, synthetic, switch, runs: list[bool]) -> list[bool]:
+    """One training step of a copy of the model with ``switch(True)`` and one with ``switch(False)``: asserts that
+    the losses and every gradient are the same bits (signed zeros included); returns, per side, whether any call
+    recorded in ``runs`` during it returned a result."""
+    import copy
+
+    method, model = method_and_model
+    model.train()
+    indices = torch.arange(8)
+    batch = Batch(synthetic.train.get_batch(indices), synthetic.train.labels[indices], indices)
+    results, ran = [], []
+    for enabled in (True, False):
+        replica = copy.deepcopy(model)
+        ctx = RunContext(bits=bits_of(method), device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
+        torch.manual_seed(0)
+        runs.clear()
+        with switch(enabled):
+            losses = method.train_step(replica, batch, ctx)
+        ran.append(any(runs))
+        results.append((losses, [p.grad for p in replica.parameters()]))
+    (on_losses, on_grads), (off_losses, off_grads) = results
+    assert on_losses == off_losses
+    for a, b in zip(on_grads, off_grads):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a.view(torch.int32), b.view(torch.int32))
+    return ran
+
+
+def counting(operator, runs: list[bool]):
+    """``operator`` recording in ``runs`` whether each call returned a result (None: the caller's fallback ran)."""
+    def counted(*args):
+        result = operator(*args)
+        runs.append(result is not None)
+        return result
+
+    return counted
+
+
 def test_train_step_with_compiled_kernels_gives_the_eager_bits(method_and_model, synthetic, monkeypatch):
     """The compiled quantizer kernels (methods.quant.kernels, forced on from one element) change no bit of a
     training step: the losses and every gradient equal the eager formulas', signed zeros included."""
-    import copy
+    import contextlib
 
     from methods.quant.kernels import CompiledKernel, fused_kernels
     from methods.quant.native import native_kernels
 
     runs = []
     call = CompiledKernel.__call__
+    monkeypatch.setattr(CompiledKernel, "__call__", lambda self, *args: counting(call, runs)(self, *args))
 
-    def counted(self, *args):
-        result = call(self, *args)
-        runs.append(result is not None)
-        return result
+    @contextlib.contextmanager
+    def compiled_only(enabled: bool):
+        with fused_kernels(enabled, min_elements=1), native_kernels(False):  # PACT would take the native loops first
+            yield
 
-    monkeypatch.setattr(CompiledKernel, "__call__", counted)
-    method, model = method_and_model
-    model.train()
-    indices = torch.arange(8)
-    batch = Batch(synthetic.train.get_batch(indices), synthetic.train.labels[indices], indices)
-    results = []
-    for fused in (True, False):
-        replica = copy.deepcopy(model)
-        ctx = RunContext(bits=bits_of(method), device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
-        torch.manual_seed(0)
-        with fused_kernels(fused, min_elements=1), native_kernels(False):  # PACT would take the native loops first
-            losses = method.train_step(replica, batch, ctx)
-        results.append((losses, [p.grad for p in replica.parameters()]))
-        if fused and method.name in ("adabits", "mbquant"):  # the methods whose quantizers have kernels
-            assert sum(runs) > 0
-    (fused_losses, fused_grads), (eager_losses, eager_grads) = results
-    assert fused_losses == eager_losses
-    for a, b in zip(fused_grads, eager_grads):
-        assert (a is None) == (b is None)
-        assert a is None or torch.equal(a.view(torch.int32), b.view(torch.int32))
+    ran = step_with_and_without(method_and_model, synthetic, compiled_only, runs)
+    assert ran == [method_and_model[0].name in ("adabits", "mbquant"), False]  # the methods with kernels
 
 
 def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_model, synthetic, monkeypatch):
     """The native operators (methods.quant.native) change no bit of a training step: the losses and every gradient
     equal those of the PyTorch formulas, signed zeros included; every quantized method does run them."""
-    import copy
-
     from methods.quant import native
 
     if not native.native_available():
         pytest.skip(f"no native operators: {native._State.failure}")
     runs = []
-
-    def counting(operator):
-        def counted(*args):
-            result = operator(*args)
-            runs.append(result is not None)
-            return result
-
-        return counted
-
     for name in ("clamp_round_unit", "pact_forward", "pact_backward", "bounded_forward", "bounded_backward"):
-        monkeypatch.setattr(native, name, counting(getattr(native, name)))
+        monkeypatch.setattr(native, name, counting(getattr(native, name), runs))
     monkeypatch.setattr(native, "BOUNDED_MIN_ELEMENTS", 1)  # the test networks' tensors are small
-    method, model = method_and_model
-    model.train()
-    indices = torch.arange(8)
-    batch = Batch(synthetic.train.get_batch(indices), synthetic.train.labels[indices], indices)
-    results = []
-    for enabled in (True, False):
-        replica = copy.deepcopy(model)
-        ctx = RunContext(bits=bits_of(method), device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
-        torch.manual_seed(0)
-        runs.clear()
-        with native.native_kernels(enabled):
-            losses = method.train_step(replica, batch, ctx)
-        assert any(runs) == (enabled and method.name in ("anyprecision", "dedicated", "emq", "adabits", "mbquant"))
-        results.append((losses, [p.grad for p in replica.parameters()]))
-    (native_losses, native_grads), (formula_losses, formula_grads) = results
-    assert native_losses == formula_losses
-    for a, b in zip(native_grads, formula_grads):
-        assert (a is None) == (b is None)
-        assert a is None or torch.equal(a.view(torch.int32), b.view(torch.int32))
+    ran = step_with_and_without(method_and_model, synthetic, native.native_kernels, runs)
+    quantized = method_and_model[0].name in ("anyprecision", "dedicated", "emq", "adabits", "mbquant")
+    assert ran == [quantized, False]
 
 
 def test_storage_grows_with_bits_and_total_covers_each(method_and_model):

@@ -7,30 +7,23 @@
 // Same bits as the eager passes: the same IEEE operations in their order (clamp letting NaN through and keeping
 // -0.0, round half to even), built with -ffp-contract=off and without -ffast-math; a NaN n is the one case where
 // the eager mask's value depends on the element's position (its vector and scalar loops differ), so there the bits
-// may differ. Parallelised by TensorIterator inside libtorch.
-#include <ATen/ATen.h>
-#include <ATen/TensorIterator.h>
+// may differ.
 #include <torch/library.h>
 
-#include <cmath>
 #include <tuple>
+
+#include "native_loops.h"
 
 namespace {
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MBQ_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MBQ_TARGET_CLONES
-#endif
-
-constexpr int64_t kFloat = sizeof(float);
+using mbq::at_stride;
+using mbq::kFloat;
 
 inline void bounded_values(float x, float lower, float inverse_gap, float levels, float* normalized,
                            float* quantized) {
   const float n = (x - lower) * inverse_gap;
-  const float clamped = std::isnan(n) ? n : std::min(std::max(n, 0.0f), 1.0f);  // ATen's clamp
   *normalized = n;
-  *quantized = std::rint(clamped * levels) / levels;
+  *quantized = std::rint(mbq::aten_clamp(n, 0.0f, 1.0f) * levels) / levels;
 }
 
 inline void bounded_gradients(float n, float inverse_gap, float grad, float below, float above, float* grad_n,
@@ -38,11 +31,6 @@ inline void bounded_gradients(float n, float inverse_gap, float grad, float belo
   const float masked = (n <= below || n >= above) ? 0.0f : grad * inverse_gap;
   *grad_n = masked;
   *product = masked * n;
-}
-
-template <typename T>
-T* at_stride(char* base, int64_t stride, int64_t i) {
-  return reinterpret_cast<T*>(base + i * stride);
 }
 
 // One block of TensorIterator's 2-d loop (rows of `count` elements; inner strides first, then outer ones), all of
@@ -111,20 +99,12 @@ std::tuple<at::Tensor, at::Tensor> bounded_forward(const at::Tensor& x, const at
   TORCH_CHECK(x.scalar_type() == at::kFloat && lower.scalar_type() == at::kFloat &&
                   inverse_gap.scalar_type() == at::kFloat,
               "bounded_forward: expected float32 tensors");
-  at::Tensor normalized;
-  at::Tensor quantized;
-  auto iter = at::TensorIteratorConfig()
-                  .add_output(normalized)
-                  .add_output(quantized)
-                  .add_const_input(x)
-                  .add_const_input(lower)
-                  .add_const_input(inverse_gap)
-                  .build();
   const auto scale = static_cast<float>(levels);
-  iter.for_each([scale](char** data, const int64_t* strides, int64_t count, int64_t rows) {
-    bounded_forward_block(data, strides, count, rows, scale);
-  });
-  return {iter.output(0), iter.output(1)};
+  auto outputs = mbq::elementwise({x, lower, inverse_gap}, 2,
+                                  [scale](char** data, const int64_t* strides, int64_t count, int64_t rows) {
+                                    bounded_forward_block(data, strides, count, rows, scale);
+                                  });
+  return {outputs[0], outputs[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor> bounded_backward(const at::Tensor& normalized, const at::Tensor& inverse_gap,
@@ -132,21 +112,13 @@ std::tuple<at::Tensor, at::Tensor> bounded_backward(const at::Tensor& normalized
   TORCH_CHECK(normalized.scalar_type() == at::kFloat && inverse_gap.scalar_type() == at::kFloat &&
                   grad.scalar_type() == at::kFloat,
               "bounded_backward: expected float32 tensors");
-  at::Tensor grad_n;
-  at::Tensor product;
-  auto iter = at::TensorIteratorConfig()
-                  .add_output(grad_n)
-                  .add_output(product)
-                  .add_const_input(normalized)
-                  .add_const_input(inverse_gap)
-                  .add_const_input(grad)
-                  .build();
   const auto low = static_cast<float>(below);
   const auto high = static_cast<float>(above);
-  iter.for_each([low, high](char** data, const int64_t* strides, int64_t count, int64_t rows) {
-    bounded_backward_block(data, strides, count, rows, low, high);
-  });
-  return {iter.output(0), iter.output(1)};
+  auto outputs = mbq::elementwise({normalized, inverse_gap, grad}, 2,
+                                  [low, high](char** data, const int64_t* strides, int64_t count, int64_t rows) {
+                                    bounded_backward_block(data, strides, count, rows, low, high);
+                                  });
+  return {outputs[0], outputs[1]};
 }
 
 }  // namespace

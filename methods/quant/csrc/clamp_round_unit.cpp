@@ -7,27 +7,15 @@
 // NaN through and keeps -0.0 as ATen's does, a product by L, round half to even under the default rounding mode,
 // a division by L). Built with -ffp-contract=off and without -ffast-math, so the compiler may neither contract
 // nor reassociate them.
-// Parallelised by TensorIterator inside libtorch, so this file needs no OpenMP of its own.
-#include <ATen/ATen.h>
-#include <ATen/TensorIterator.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include "native_loops.h"
 
 namespace {
 
-// One vector loop per instruction set, picked when the library is loaded (GCC and clang on x86-64).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MBQ_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MBQ_TARGET_CLONES
-#endif
-
 inline float clamp_round_unit(float value, float levels) {
-  // std::max(v, 0) keeps v on a tie, so -0.0 stays -0.0, as ATen's clamp keeps it
-  const float clamped = std::isnan(value) ? value : std::min(std::max(value, 0.0f), 1.0f);
-  return std::rint(clamped * levels) / levels;
+  return std::rint(mbq::aten_clamp(value, 0.0f, 1.0f) * levels) / levels;
 }
 
 MBQ_TARGET_CLONES void clamp_round_unit_contiguous(const float* src, float* dst, int64_t count, float levels) {
@@ -47,18 +35,15 @@ void clamp_round_unit_strided(const char* src, char* dst, int64_t count, int64_t
 at::Tensor clamp_round_unit_cpu(const at::Tensor& x, int64_t levels) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "clamp_round_unit: expected float32, got ", x.scalar_type());
   TORCH_CHECK(levels >= 1, "clamp_round_unit: levels must be at least 1, got ", levels);
-  at::Tensor result;
-  auto iter = at::TensorIteratorConfig().add_output(result).add_const_input(x).build();
   const float scale = static_cast<float>(levels);
-  iter.for_each([scale](char** data, const int64_t* strides, int64_t count) {
-    if (strides[0] == sizeof(float) && strides[1] == sizeof(float)) {
+  return mbq::elementwise({x}, 1, [scale](char** data, const int64_t* strides, int64_t count) {
+    if (strides[0] == mbq::kFloat && strides[1] == mbq::kFloat) {
       clamp_round_unit_contiguous(reinterpret_cast<const float*>(data[1]), reinterpret_cast<float*>(data[0]), count,
                                   scale);
     } else {
       clamp_round_unit_strided(data[1], data[0], count, strides[1], strides[0], scale);
     }
-  });
-  return iter.output();
+  })[0];
 }
 
 at::Tensor clamp_round_unit_below_autograd(const at::Tensor& x, int64_t levels) {

@@ -6,25 +6,18 @@
 //             s = clamp(x, 0, a) / a * L; the caller sums the second output with ATen's sum, as the eager path does.
 // Same bits as methods/quant/pact.py's eager passes: the same IEEE operations in their order (clamp letting NaN
 // through and keeping -0.0, then /a, *L, round half to even, /L, *a; threshold_backward's "x <= 0 gives +0"),
-// built with -ffp-contract=off and without -ffast-math. Parallelised by TensorIterator inside libtorch.
-#include <ATen/ATen.h>
-#include <ATen/TensorIterator.h>
+// built with -ffp-contract=off and without -ffast-math.
 #include <torch/library.h>
 
-#include <cmath>
 #include <tuple>
+
+#include "native_loops.h"
 
 namespace {
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define MBQ_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MBQ_TARGET_CLONES
-#endif
+using mbq::at_stride;
 
-inline float clip_between(float value, float clip) {
-  return std::isnan(value) ? value : std::min(std::max(value, 0.0f), clip);  // ATen's clamp with scalar bounds
-}
+inline float clip_between(float value, float clip) { return mbq::aten_clamp(value, 0.0f, clip); }
 
 inline float pact_value(float x, float clip, float levels) {
   return std::rint(clip_between(x, clip) / clip * levels) / levels * clip;
@@ -50,19 +43,12 @@ MBQ_TARGET_CLONES void pact_backward_contiguous(const float* x, const float* gra
   }
 }
 
-template <typename T>
-T* at_stride(char* base, int64_t stride, int64_t i) {
-  return reinterpret_cast<T*>(base + i * stride);
-}
-
 at::Tensor pact_forward(const at::Tensor& x, double clip, int64_t levels) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "pact_forward: expected float32, got ", x.scalar_type());
-  at::Tensor result;
-  auto iter = at::TensorIteratorConfig().add_output(result).add_const_input(x).build();
   const auto a = static_cast<float>(clip);
   const auto scale = static_cast<float>(levels);
-  iter.for_each([a, scale](char** data, const int64_t* strides, int64_t count) {
-    if (strides[0] == sizeof(float) && strides[1] == sizeof(float)) {
+  return mbq::elementwise({x}, 1, [a, scale](char** data, const int64_t* strides, int64_t count) {
+    if (strides[0] == mbq::kFloat && strides[1] == mbq::kFloat) {
       pact_forward_contiguous(reinterpret_cast<const float*>(data[1]), reinterpret_cast<float*>(data[0]), count, a,
                               scale);
     } else {
@@ -70,27 +56,19 @@ at::Tensor pact_forward(const at::Tensor& x, double clip, int64_t levels) {
         *at_stride<float>(data[0], strides[0], i) = pact_value(*at_stride<float>(data[1], strides[1], i), a, scale);
       }
     }
-  });
-  return iter.output();
+  })[0];
 }
 
 std::tuple<at::Tensor, at::Tensor> pact_backward(const at::Tensor& x, const at::Tensor& grad, double clip,
                                                  int64_t levels) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat,
               "pact_backward: expected float32 tensors");
-  at::Tensor grad_x;
-  at::Tensor product;
-  auto iter = at::TensorIteratorConfig()
-                  .add_output(grad_x)
-                  .add_output(product)
-                  .add_const_input(x)
-                  .add_const_input(grad)
-                  .build();
   const auto a = static_cast<float>(clip);
   const auto scale = static_cast<float>(levels);
-  iter.for_each([a, scale](char** data, const int64_t* strides, int64_t count) {
-    const bool unit = strides[0] == sizeof(float) && strides[1] == sizeof(float) && strides[2] == sizeof(float) &&
-                      strides[3] == sizeof(float);
+  // operands: 0 gradient at x, 1 g dy/da (outputs), 2 x, 3 upstream gradient
+  auto outputs = mbq::elementwise({x, grad}, 2, [a, scale](char** data, const int64_t* strides, int64_t count) {
+    const bool unit = strides[0] == mbq::kFloat && strides[1] == mbq::kFloat && strides[2] == mbq::kFloat &&
+                      strides[3] == mbq::kFloat;
     if (unit) {
       pact_backward_contiguous(reinterpret_cast<const float*>(data[2]), reinterpret_cast<const float*>(data[3]),
                                reinterpret_cast<float*>(data[0]), reinterpret_cast<float*>(data[1]), count, a, scale);
@@ -101,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> pact_backward(const at::Tensor& x, const at::
       }
     }
   });
-  return {iter.output(0), iter.output(1)};
+  return {outputs[0], outputs[1]};
 }
 
 }  // namespace
