@@ -28,7 +28,6 @@ import math
 
 import torch
 
-from methods.quant import native
 from methods.quant.backward_ops import hardtanh_backward_like
 from methods.quant.kernels import bounded_backward, bounded_forward
 
@@ -70,10 +69,7 @@ class _BoundedQuantize(torch.autograd.Function):
                 delta: float) -> torch.Tensor:
         inverse_gap = 1.0 / (upper - lower).clamp_min(MIN_BOUND_GAP)
         ctx.levels, ctx.delta = levels, delta
-        # one loop, the same bits: the native one (methods.quant.native), else a compiled one (methods.quant.kernels)
-        fused = native.bounded_forward(x, lower, inverse_gap, levels)
-        if fused is None:
-            fused = bounded_forward.run_like(x, lower, inverse_gap, float(levels))
+        fused = bounded_forward.run_like(x, lower, inverse_gap, float(levels))  # one loop (methods.quant.kernels)
         if fused is not None:
             normalized, quantized = fused
             ctx.save_for_backward(normalized, lower, upper, inverse_gap)
@@ -86,11 +82,8 @@ class _BoundedQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         normalized, lower, upper, inverse_gap = ctx.saved_tensors
-        fused = None
-        if not ctx.delta:  # EWGS scaling (delta > 0) is in neither loop
-            fused = native.bounded_backward(normalized, inverse_gap, grad_output, *_unit_bounds(normalized.dtype))
-            if fused is None:
-                fused = bounded_backward.run_like(normalized, inverse_gap, grad_output, *_unit_bounds(normalized.dtype))
+        fused = None if ctx.delta else bounded_backward.run_like(normalized, inverse_gap, grad_output,
+                                                                  *_unit_bounds(normalized.dtype))
         if fused is not None:
             grad_normalized, grad_times_normalized = fused
         else:

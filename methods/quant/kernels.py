@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from methods.quant import native
+
 ENVIRONMENT_SWITCH = "MBQ_FUSED_KERNELS"
 #: the smallest activations the kernels run on, from whole training steps (ResNet-20, batch 128, bits 2,4,8, 2 Xeon
 #: cores, kernels on against off in alternating processes): at 32x32 inputs (activations of 0.5M to 2M elements)
@@ -47,6 +49,11 @@ ENVIRONMENT_SWITCH = "MBQ_FUSED_KERNELS"
 #: step 3.5-3.6 against 3.8-4.0: its broadcast bounds make the compiled loop index per element), so they stop there
 PACT_MIN_ELEMENTS = 1 << 19
 BOUNDED_MIN_ELEMENTS = 1 << 20
+#: the smallest tensors the bounded quantizer's native loops take: below it (MBQuant's weights, a few thousand to 147K
+#: elements) the call's checks cost more than the passes saved; an MBQuant 8x8 step (activations from 131K
+#: elements) took 0.96-0.98 of its time without the loops when they took every tensor, 1.01-1.02 from this size on
+#: (alternating pairs on 2 Xeon cores). PACT's loops take every size.
+NATIVE_BOUNDED_MIN_ELEMENTS = 1 << 17
 
 
 class _Settings:
@@ -81,9 +88,14 @@ class CompiledKernel:
 
     variant_limit = 64
 
-    def __init__(self, formula: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], min_elements: int) -> None:
+    def __init__(self, formula: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], min_elements: int,
+                 native: str | None = None, native_min_elements: int = 0) -> None:
         self.formula = formula
         self.min_elements = min_elements
+        #: the ``mbqbench_native`` operator (:mod:`methods.quant.native`) with the formula's arguments and results,
+        #: which :meth:`run_like` tries first, from ``native_min_elements`` elements
+        self.native = native
+        self.native_min_elements = native_min_elements
         self.failure: str | None = None
         self._compiled: Callable | None = None
 
@@ -114,31 +126,47 @@ class CompiledKernel:
 
 
     def run_like(self, x: torch.Tensor, *args):
-        """The kernel on ``(x, *args)`` where its result has the eager formula's bits and layout, else None (the
-        caller's eager formula runs): ``x`` :func:`fusable`, no graph being recorded (a double backward takes the
-        eager path), every tensor argument of ``x``'s dtype and, if of ``x``'s shape, of its layout (an upstream
-        gradient in another layout changes what the eager formula writes), and every output in ``x``'s layout (the
-        sums that callers take over an output add in memory order, and a convolution after it may round
-        differently in another layout). Tensors are passed detached."""
+        """The native loop, else the compiled kernel, on ``(x, *args)`` where its result has the eager formula's
+        bits and layout, else None (the caller's eager formula runs): ``x`` a dense float32 CPU tensor outside
+        ``torch.compile`` (:func:`_eligible`), no graph being recorded (a double backward takes the eager path),
+        every tensor argument of ``x``'s dtype and, if of ``x``'s shape, of its layout (an upstream gradient in
+        another layout changes what the eager formula writes), and every output in ``x``'s layout (the sums that
+        callers take over an output add in memory order, and a convolution after it may round differently in
+        another layout). The native loop runs from :attr:`native_min_elements` where the native operators are on
+        and built, the compiled kernel where :func:`fusable`. Tensors are passed detached."""
         tensors = [a for a in (x, *args) if isinstance(a, torch.Tensor)]
-        if (torch.is_grad_enabled() or not fusable(x, self) or any(t.dtype != x.dtype for t in tensors)
+        if (torch.is_grad_enabled() or not _eligible(x) or any(t.dtype != x.dtype for t in tensors)
                 or any(t.shape == x.shape and t.stride() != x.stride() for t in tensors)):
             return None
-        result = self(*(a.detach() if isinstance(a, torch.Tensor) else a for a in (x, *args)))
+        detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in (x, *args)]
+        result = None
+        if self.native is not None and x.numel() >= self.native_min_elements and native.native_available():
+            result = native.loop(self.native, *detached)
+        if result is None and _compiled_on(x, self):
+            result = self(*detached)
         if result is None:
             return None
         outputs = result if isinstance(result, tuple) else (result,)
         return result if all(out.stride() == x.stride() for out in outputs) else None
 
 
-def fusable(x: torch.Tensor, kernel: CompiledKernel) -> bool:
-    """Whether ``kernel`` runs on ``x`` (else the caller's eager formula, which gives the same bits)."""
-    if (torch.compiler.is_compiling() or not _Settings.enabled or _Settings.failure is not None
-            or kernel.failure is not None):
-        return False
-    min_elements = kernel.min_elements if _Settings.min_elements is None else _Settings.min_elements
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() >= min_elements
+def _eligible(x: torch.Tensor) -> bool:
+    """What every kernel needs: a dense (contiguous or channels_last) float32 CPU tensor, outside ``torch.compile``
+    (a compiled network fuses the formula itself)."""
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
+
+
+def _compiled_on(x: torch.Tensor, kernel: CompiledKernel) -> bool:
+    if not _Settings.enabled or _Settings.failure is not None or kernel.failure is not None:
+        return False
+    return x.numel() >= (kernel.min_elements if _Settings.min_elements is None else _Settings.min_elements)
+
+
+def fusable(x: torch.Tensor, kernel: CompiledKernel) -> bool:
+    """Whether ``kernel``'s compiled form runs on ``x`` (else the caller's eager formula, which gives the same
+    bits)."""
+    return _eligible(x) and _compiled_on(x, kernel)
 
 
 def _clip_between(x: torch.Tensor, clip: torch.Tensor | float) -> torch.Tensor:
@@ -161,9 +189,9 @@ def _pact_backward(x: torch.Tensor, clip: torch.Tensor, grad: torch.Tensor,
 
 
 #: PACT's ``round(L clamp(x, 0, a) / a) / L * a`` (AdaBits' activation quantizer)
-pact_forward = CompiledKernel(_pact_forward, min_elements=PACT_MIN_ELEMENTS)
+pact_forward = CompiledKernel(_pact_forward, min_elements=PACT_MIN_ELEMENTS, native="pact_forward")
 #: PACT's gradient at ``x`` and the elementwise ``g dy/da`` whose sum is the gradient at ``a``
-pact_backward = CompiledKernel(_pact_backward, min_elements=PACT_MIN_ELEMENTS)
+pact_backward = CompiledKernel(_pact_backward, min_elements=PACT_MIN_ELEMENTS, native="pact_backward")
 
 
 def _bounded_forward(x: torch.Tensor, lower: torch.Tensor, inverse_gap: torch.Tensor,
@@ -181,6 +209,8 @@ def _bounded_backward(normalized: torch.Tensor, inverse_gap: torch.Tensor, grad:
 
 
 #: MBQuant's ``n = (x - l) / (u - l)`` (kept for the backward pass) and ``round(L clamp(n, 0, 1)) / L``
-bounded_forward = CompiledKernel(_bounded_forward, min_elements=BOUNDED_MIN_ELEMENTS)
+bounded_forward = CompiledKernel(_bounded_forward, min_elements=BOUNDED_MIN_ELEMENTS, native="bounded_forward",
+                                 native_min_elements=NATIVE_BOUNDED_MIN_ELEMENTS)
 #: MBQuant's straight-through gradient at ``n`` and its product with ``n``
-bounded_backward = CompiledKernel(_bounded_backward, min_elements=BOUNDED_MIN_ELEMENTS)
+bounded_backward = CompiledKernel(_bounded_backward, min_elements=BOUNDED_MIN_ELEMENTS, native="bounded_backward",
+                                  native_min_elements=NATIVE_BOUNDED_MIN_ELEMENTS)

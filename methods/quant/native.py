@@ -2,10 +2,11 @@
 
 Three quantizers, each a chain of elementwise passes in eager PyTorch, get one loop forward and one backward
 (``csrc/``): DoReFa's activation (below), PACT's (AdaBits; :mod:`methods.quant.pact`) and MBQuant's bounded
-quantizer (:mod:`methods.quant.bounded`). The last two run inside their Python autograd functions, which try them
-before the compiled kernels of :mod:`methods.quant.kernels`; the sums that give a clipping level's or a bound's
-gradient stay ATen's, over a product in the input's layout, so they add in the same order. Each loop does the
-eager passes' IEEE operations in their order, so the same bits (the tests compare bit patterns).
+quantizer (:mod:`methods.quant.bounded`). The last two run inside their Python autograd functions, through the
+kernels of :mod:`methods.quant.kernels` (:func:`loop`), which try them before the compiled forms; the sums that
+give a clipping level's or a bound's gradient stay ATen's, over a product in the input's layout, so they add in the
+same order. Each loop does the eager passes' IEEE operations in their order, so the same bits (the tests compare
+bit patterns).
 
 DoReFa's activation quantizer (Zhou et al., arXiv 1606.06160, Sec. 2.3;
 :func:`methods.quant.dorefa.dorefa_activation`) runs at every quantized convolution of every bit-width of every
@@ -42,13 +43,6 @@ import torch
 ENVIRONMENT_SWITCH = "MBQ_NATIVE_KERNELS"
 EXTENSION_NAME = "mbqbench_native"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("clamp_round_unit.cpp", "pact.cpp", "bounded.cpp"))
-
-
-#: the smallest tensors the bounded quantizer's loops take: below it (MBQuant's weights, a few thousand to 147K
-#: elements) the call's Python checks cost more than the passes saved; an MBQuant 8x8 step (activations from 131K
-#: elements) took 0.96-0.98 of its time without the loops when they took every tensor, 1.01-1.02 from this size on
-#: (alternating pairs on 2 Xeon cores)
-BOUNDED_MIN_ELEMENTS = 1 << 17
 
 
 class _State:
@@ -108,66 +102,15 @@ def clamp_round_unit(x: torch.Tensor, levels: int) -> torch.Tensor | None:
     """``round(levels * clamp(x, 0, 1)) / levels`` with the straight-through gradient inside ``(0, 1)``, from the
     native operator; None where it does not run (not a float32 CPU tensor, switched off or unavailable), and the
     caller's PyTorch formula then gives the same bits."""
-    if not _runs_on(x):
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.compiler.is_compiling()
+            or not native_available()):
         return None
     return torch.ops.mbqbench_native.clamp_round_unit(x, levels)
 
 
-def pact_forward(x: torch.Tensor, clip: torch.Tensor, levels: int) -> torch.Tensor | None:
-    """PACT's ``round(L clamp(x, 0, a) / a) / L * a`` (``a = clip``, a one-element tensor) in one pass, for the
-    forward of :class:`methods.quant.pact._PACTQuantize`; None where it does not run (the caller's passes then give
-    the same bits): not float32 CPU, a graph being recorded, switched off or unavailable."""
-    if not _runs_on(x) or torch.is_grad_enabled() or clip.dtype != torch.float32:
-        return None
-    return torch.ops.mbqbench_native.pact_forward(x, float(clip), levels)
+def loop(name: str, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The ``mbqbench_native`` operator ``name`` (PACT's and the bounded quantizer's loops) on ``args``: the
+    arguments of its formula in :mod:`methods.quant.kernels`, whose ``CompiledKernel.run_like`` decides where it
+    runs."""
+    return getattr(torch.ops.mbqbench_native, name)(*args)
 
-
-def pact_backward(x: torch.Tensor, clip: torch.Tensor, grad: torch.Tensor,
-                  levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """PACT's gradient at ``x`` (``grad`` where ``0 < x < a``) and the elementwise ``grad * dy/da`` whose sum is the
-    gradient at ``a``, in one pass; None where it does not run: as :func:`pact_forward`, and where ``grad``'s layout
-    is not ``x``'s (the eager passes' outputs would take another layout, and the sum adds in memory order)."""
-    if (not _runs_on(x) or torch.is_grad_enabled() or clip.dtype != torch.float32 or grad.dtype != torch.float32
-            or grad.stride() != x.stride()):
-        return None
-    return torch.ops.mbqbench_native.pact_backward(x, grad, float(clip), levels)
-
-
-def bounded_forward(x: torch.Tensor, lower: torch.Tensor, inverse_gap: torch.Tensor,
-                    levels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """MBQuant's ``n = (x - l) * g_inv`` and ``round(L clamp(n, 0, 1)) / L`` (bounds broadcast against ``x``) in one
-    pass, for :class:`methods.quant.bounded._BoundedQuantize`; None where it does not run (the caller's passes then
-    give the same bits): as :func:`pact_forward`, below :data:`BOUNDED_MIN_ELEMENTS`, and unless ``x`` is dense
-    (contiguous or channels_last), the bounds float32 and broadcast to ``x``'s shape, and the outputs come out in
-    ``x``'s layout (the bounds' gradients are sums over them, which add in memory order)."""
-    if (x.numel() < BOUNDED_MIN_ELEMENTS or not _runs_on(x) or torch.is_grad_enabled() or not _dense(x)
-            or any(b.dtype != torch.float32 or torch.broadcast_shapes(b.shape, x.shape) != x.shape
-                   for b in (lower, inverse_gap))):
-        return None
-    normalized, quantized = torch.ops.mbqbench_native.bounded_forward(x, lower, inverse_gap, levels)
-    return (normalized, quantized) if normalized.stride() == x.stride() else None
-
-
-def bounded_backward(normalized: torch.Tensor, inverse_gap: torch.Tensor, grad: torch.Tensor, below: float,
-                     above: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """MBQuant's straight-through gradient at ``n`` (``grad * g_inv`` where ``below < n < above``, else 0) and its
-    product with ``n``, in one pass; None where it does not run: as :func:`bounded_forward`, and where ``grad``'s
-    layout is not ``n``'s."""
-    if (normalized.numel() < BOUNDED_MIN_ELEMENTS or not _runs_on(normalized) or torch.is_grad_enabled()
-            or not _dense(normalized)
-            or grad.dtype != torch.float32 or grad.stride() != normalized.stride()
-            or inverse_gap.dtype != torch.float32
-            or torch.broadcast_shapes(inverse_gap.shape, normalized.shape) != normalized.shape):
-        return None
-    grad_normalized, product = torch.ops.mbqbench_native.bounded_backward(normalized, inverse_gap, grad, below, above)
-    return (grad_normalized, product) if grad_normalized.stride() == normalized.stride() else None
-
-
-def _dense(x: torch.Tensor) -> bool:
-    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-
-
-def _runs_on(x: torch.Tensor) -> bool:
-    """Float32 on the CPU, outside ``torch.compile`` (a compiled network fuses the formulas itself), switched on."""
-    return (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and native_available())

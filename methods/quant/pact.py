@@ -33,7 +33,6 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.export import assign_tensors
-from methods.quant import native
 from methods.quant.dorefa import FULL_PRECISION
 from methods.quant.kernels import pact_backward, pact_forward
 from methods.quant.modules import FLOAT_BITS, BitSwitchable
@@ -62,10 +61,7 @@ class _PACTQuantize(torch.autograd.Function):
         clip = alpha.abs()
         ctx.save_for_backward(x, alpha)
         ctx.levels = levels
-        # one pass, the same bits: the native loop (methods.quant.native), else a compiled one (methods.quant.kernels)
-        fused = native.pact_forward(x, clip, levels)
-        if fused is None:
-            fused = pact_forward.run_like(x, clip, float(levels))
+        fused = pact_forward.run_like(x, clip, float(levels))  # one pass (methods.quant.kernels), same bits
         if fused is not None:
             return fused
         scaled = _clip(x, clip).div_(clip).mul_(levels)
@@ -78,11 +74,7 @@ class _PACTQuantize(torch.autograd.Function):
         levels = ctx.levels
         grad_x = grad_alpha = None
         # both gradients' elementwise passes as one loop; g dy/da comes back for the sum below
-        fused = None
-        if all(ctx.needs_input_grad[:2]):
-            fused = native.pact_backward(x, clip, grad_output, levels)
-            if fused is None:
-                fused = pact_backward.run_like(x, clip, grad_output, float(levels))
+        fused = pact_backward.run_like(x, clip, grad_output, float(levels)) if all(ctx.needs_input_grad[:2]) else None
         if fused is not None:
             grad_x, product = fused
             return grad_x, product.sum().reshape(alpha.shape) * alpha.sgn(), None

@@ -119,14 +119,15 @@ def test_train_step_with_compiled_kernels_gives_the_eager_bits(method_and_model,
 def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_model, synthetic, monkeypatch):
     """The native operators (methods.quant.native) change no bit of a training step: the losses and every gradient
     equal those of the PyTorch formulas, signed zeros included; every quantized method does run them."""
-    from methods.quant import native
+    from methods.quant import kernels, native
 
     if not native.native_available():
         pytest.skip(f"no native operators: {native._State.failure}")
     runs = []
-    for name in ("clamp_round_unit", "pact_forward", "pact_backward", "bounded_forward", "bounded_backward"):
+    for name in ("clamp_round_unit", "loop"):
         monkeypatch.setattr(native, name, counting(getattr(native, name), runs))
-    monkeypatch.setattr(native, "BOUNDED_MIN_ELEMENTS", 1)  # the test networks' tensors are small
+    for kernel in (kernels.bounded_forward, kernels.bounded_backward):  # the test networks' tensors are small
+        monkeypatch.setattr(kernel, "native_min_elements", 1)
     ran = step_with_and_without(method_and_model, synthetic, native.native_kernels, runs)
     quantized = method_and_model[0].name in ("anyprecision", "dedicated", "emq", "adabits", "mbquant")
     assert ran == [quantized, False]

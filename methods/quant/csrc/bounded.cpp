@@ -95,7 +95,7 @@ MBQ_TARGET_CLONES void bounded_backward_block(char** base, const int64_t* stride
 }
 
 std::tuple<at::Tensor, at::Tensor> bounded_forward(const at::Tensor& x, const at::Tensor& lower,
-                                                   const at::Tensor& inverse_gap, int64_t levels) {
+                                                   const at::Tensor& inverse_gap, double levels) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && lower.scalar_type() == at::kFloat &&
                   inverse_gap.scalar_type() == at::kFloat,
               "bounded_forward: expected float32 tensors");
@@ -124,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor> bounded_backward(const at::Tensor& normalized
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
-  m.def("bounded_forward(Tensor x, Tensor lower, Tensor inverse_gap, int levels) -> (Tensor, Tensor)");
+  // the arguments of methods/quant/kernels.py's formulas, in their order
+  m.def("bounded_forward(Tensor x, Tensor lower, Tensor inverse_gap, float levels) -> (Tensor, Tensor)");
   m.def("bounded_backward(Tensor normalized, Tensor inverse_gap, Tensor grad, float below, float above) -> "
         "(Tensor, Tensor)");
 }

@@ -17,6 +17,12 @@ namespace {
 
 using mbq::at_stride;
 
+// the clipping level a, a one-element float tensor (read on the host: these loops run on the CPU)
+float clip_value(const at::Tensor& clip) {
+  TORCH_CHECK(clip.numel() == 1 && clip.scalar_type() == at::kFloat, "PACT: the clipping level is one float32");
+  return clip.item<float>();
+}
+
 inline float clip_between(float value, float clip) { return mbq::aten_clamp(value, 0.0f, clip); }
 
 inline float pact_value(float x, float clip, float levels) {
@@ -43,9 +49,9 @@ MBQ_TARGET_CLONES void pact_backward_contiguous(const float* x, const float* gra
   }
 }
 
-at::Tensor pact_forward(const at::Tensor& x, double clip, int64_t levels) {
+at::Tensor pact_forward(const at::Tensor& x, const at::Tensor& clip, double levels) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "pact_forward: expected float32, got ", x.scalar_type());
-  const auto a = static_cast<float>(clip);
+  const auto a = clip_value(clip);
   const auto scale = static_cast<float>(levels);
   return mbq::elementwise({x}, 1, [a, scale](char** data, const int64_t* strides, int64_t count) {
     if (strides[0] == mbq::kFloat && strides[1] == mbq::kFloat) {
@@ -59,11 +65,11 @@ at::Tensor pact_forward(const at::Tensor& x, double clip, int64_t levels) {
   })[0];
 }
 
-std::tuple<at::Tensor, at::Tensor> pact_backward(const at::Tensor& x, const at::Tensor& grad, double clip,
-                                                 int64_t levels) {
+std::tuple<at::Tensor, at::Tensor> pact_backward(const at::Tensor& x, const at::Tensor& clip, const at::Tensor& grad,
+                                                 double levels) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat,
               "pact_backward: expected float32 tensors");
-  const auto a = static_cast<float>(clip);
+  const auto a = clip_value(clip);
   const auto scale = static_cast<float>(levels);
   // operands: 0 gradient at x, 1 g dy/da (outputs), 2 x, 3 upstream gradient
   auto outputs = mbq::elementwise({x, grad}, 2, [a, scale](char** data, const int64_t* strides, int64_t count) {
@@ -85,8 +91,9 @@ std::tuple<at::Tensor, at::Tensor> pact_backward(const at::Tensor& x, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
-  m.def("pact_forward(Tensor x, float clip, int levels) -> Tensor");
-  m.def("pact_backward(Tensor x, Tensor grad, float clip, int levels) -> (Tensor, Tensor)");
+  // the arguments of methods/quant/kernels.py's formulas, in their order
+  m.def("pact_forward(Tensor x, Tensor clip, float levels) -> Tensor");
+  m.def("pact_backward(Tensor x, Tensor clip, Tensor grad, float levels) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mbqbench_native, CPU, m) {

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harness.registry import get_method
-from methods.quant import native
+from methods.quant import kernels, native
 from methods.quant.bounded import bounded_quantize
 from methods.quant.dorefa import dorefa_activation, dorefa_activation_reference
 from methods.quant.kernels import fused_kernels
@@ -222,11 +222,13 @@ def test_pact_layouts_give_the_eager_bits_and_strides(layout):
 
 def test_pact_loops_run_only_outside_a_recorded_graph():
     x, clip, grad = torch.rand(20), torch.tensor(0.5), torch.rand(20)
-    # a double backward records the backward pass: the eager passes serve
-    assert native.pact_forward(x, clip, 3) is None and native.pact_backward(x, clip, grad, 3) is None
-    with torch.no_grad():  # as inside the autograd function's forward and a plain backward
-        assert native.pact_forward(x, clip, 3) is not None and native.pact_backward(x, clip, grad, 3) is not None
-        assert native.pact_backward(x.reshape(4, 5), clip, grad.reshape(5, 4).t(), 3) is None  # another layout
+    forward, backward = kernels.pact_forward.run_like, kernels.pact_backward.run_like
+    with fused_kernels(False):  # the native loops alone
+        # a double backward records the backward pass: the eager passes serve
+        assert forward(x, clip, 3.0) is None and backward(x, clip, grad, 3.0) is None
+        with torch.no_grad():  # as inside the autograd function's forward and a plain backward
+            assert forward(x, clip, 3.0) is not None and backward(x, clip, grad, 3.0) is not None
+            assert backward(x.reshape(4, 5), clip, grad.reshape(5, 4).t(), 3.0) is None  # another layout
 
 
 def test_pact_double_backward_equals_the_eager_passes():
@@ -256,7 +258,7 @@ def bounded_results(x, lower, upper, upstream, bits: int, *, enabled: bool) -> l
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("bits", BITS)
 def test_bounded_forward_and_gradients_bits_equal_the_eager_passes(bits, memory_format, monkeypatch):
-    monkeypatch.setattr(native, "BOUNDED_MIN_ELEMENTS", 1)
+    bounded_loops_at_every_size(monkeypatch)
     runs = []
     for name in ("bounded_forward", "bounded_backward"):
         operator = getattr(torch.ops.mbqbench_native, name)
@@ -287,7 +289,7 @@ def test_bounded_forward_and_gradients_bits_equal_the_eager_passes(bits, memory_
 def test_bounded_weight_layout_and_fallbacks(monkeypatch):
     """A weight's bounds (one pair per branch, 5-d) run natively; a strided input or an upstream gradient in another
     layout, and EWGS scaling, take the eager passes; every case gives the eager bits."""
-    monkeypatch.setattr(native, "BOUNDED_MIN_ELEMENTS", 1)
+    bounded_loops_at_every_size(monkeypatch)
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(4, 8, 8, 3, 3, generator=generator) * 0.1
     lower, upper = torch.full((4, 1, 1, 1, 1), -0.2), torch.full((4, 1, 1, 1, 1), 0.25)
@@ -308,7 +310,14 @@ def test_bounded_weight_layout_and_fallbacks(monkeypatch):
 
 def test_bounded_loops_skip_small_tensors():
     x, lower, gap = torch.rand(2, 8, 4, 4), torch.zeros(1, 8, 1, 1), torch.ones(1, 8, 1, 1)
-    with torch.no_grad():
-        assert x.numel() < native.BOUNDED_MIN_ELEMENTS and native.bounded_forward(x, lower, gap, 3) is None
-        big = torch.rand(native.BOUNDED_MIN_ELEMENTS // 128, 8, 4, 4)
-        assert native.bounded_forward(big, lower, gap, 3) is not None
+    forward = kernels.bounded_forward.run_like
+    with torch.no_grad(), fused_kernels(False):  # the native loops alone
+        assert x.numel() < kernels.NATIVE_BOUNDED_MIN_ELEMENTS and forward(x, lower, gap, 3.0) is None
+        big = torch.rand(kernels.NATIVE_BOUNDED_MIN_ELEMENTS // 128, 8, 4, 4)
+        assert forward(big, lower, gap, 3.0) is not None
+
+
+def bounded_loops_at_every_size(monkeypatch) -> None:
+    """The bounded quantizer's native loops from one element (the tests' tensors are small)."""
+    for kernel in (kernels.bounded_forward, kernels.bounded_backward):
+        monkeypatch.setattr(kernel, "native_min_elements", 1)
