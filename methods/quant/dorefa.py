@@ -106,9 +106,14 @@ def tanh_max_backward_many(grad_squashed: list[torch.Tensor], grad_max: list[tor
     """:func:`tanh_max_backward` over a list of layers with ``tanh(w)`` each; ``terms`` hold ``max_abs``, and the
     elements at the max, their count and ``sgn(tanh(w))`` are cached in them."""
     ties = [t.lazy("ties", lambda t=t, s=s: max_ties(s, t.max_abs)) for t, s in zip(terms, tanh_w)]
-    per_tie = torch._foreach_div(grad_max, [count for _, count in ties])
-    shared = [torch.where(at_max, value, 0.0) for (at_max, _), value in zip(ties, per_tie)]
-    to_squashed = torch._foreach_mul(shared, [t.lazy("sign", lambda s=s: s.sgn()) for t, s in zip(terms, tanh_w)])
+    signs = [t.lazy("sign", lambda s=s: s.sgn()) for t, s in zip(terms, tanh_w)]
+    at_max, counts = [mask for mask, _ in ties], [count for _, count in ties]
+    native_result = native.list_loop("tanh_max_backward", grad_squashed, grad_max, at_max, counts, signs, tanh_w)
+    if native_result is not None:  # one loop per layer, the same operations (methods.quant.native)
+        return native_result
+    per_tie = torch._foreach_div(grad_max, counts)
+    shared = [torch.where(mask, value, 0.0) for mask, value in zip(at_max, per_tie)]
+    to_squashed = torch._foreach_mul(shared, signs)
     grad_squashed = torch._foreach_add(grad_squashed, to_squashed)
     return [torch.ops.aten.tanh_backward(grad, s) for grad, s in zip(grad_squashed, tanh_w)]
 
@@ -127,6 +132,11 @@ class _DoReFaTerms(WeightTerms):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         with torch.no_grad():
+            native_terms = native.list_loop("dorefa_weight_terms", weight)
+            if native_terms is not None:  # every term below in one call (methods.quant.native), the same bits
+                self.scale, self.normalized, self.max_abs, twice_max, unit, factor, at_max, ties, sign = native_terms
+                self._lazy.update(twice_max=twice_max, unit=unit, max_factor=factor, ties=(at_max, ties), sign=sign)
+                return
             self.scale = weight.abs().mean()
             self.normalized = torch.tanh(weight)
             self.max_abs = self.normalized.abs().max()
@@ -150,6 +160,9 @@ class _DoReFaTerms(WeightTerms):
             return out
         levels = 2**bits - 1
         units = [t.lazy("unit", lambda t=t: t.normalized / t._twice_max() + 0.5) for t in terms]
+        native_result = native.list_loop("dorefa_weight_forward", units, scales, float(levels))
+        if native_result is not None:  # one loop per layer, the same operations (methods.quant.native)
+            return native_result
         out = torch._foreach_mul(units, levels)  # round(u L) / L, then E (2 q - 1)
         torch._foreach_round_(out)
         torch._foreach_div_(out, levels)
@@ -174,12 +187,17 @@ class _DoReFaTerms(WeightTerms):
         else:  # E * (2 * (t / D + 0.5) - 1) with D = 2M
             factors = [t.lazy("max_factor", lambda t=t: (t.normalized / t._twice_max()) / t._twice_max())
                        for t in terms]
-            grad_unit = torch._foreach_mul(grads, scales)
-            torch._foreach_mul_(grad_unit, 2)
-            grad_normalized = torch._foreach_div(grad_unit, [t._twice_max() for t in terms])
-            torch._foreach_neg_(grad_unit)
-            torch._foreach_mul_(grad_unit, factors)
-            grad_max = torch._foreach_mul([part.sum() for part in grad_unit], 2)
+            twice_max = [t._twice_max() for t in terms]
+            native_result = native.list_loop("dorefa_weight_backward", grads, scales, twice_max, factors)
+            if native_result is not None:  # one loop per layer, the same operations (methods.quant.native)
+                grad_normalized, grad_max = native_result
+            else:
+                grad_unit = torch._foreach_mul(grads, scales)
+                torch._foreach_mul_(grad_unit, 2)
+                grad_normalized = torch._foreach_div(grad_unit, twice_max)
+                torch._foreach_neg_(grad_unit)
+                torch._foreach_mul_(grad_unit, factors)
+                grad_max = torch._foreach_mul([part.sum() for part in grad_unit], 2)
         return tanh_max_backward_many(grad_normalized, grad_max, terms, [t.normalized for t in terms])
 
 

@@ -1,8 +1,10 @@
 """Native CPU operators for the quantizers: C++ loops built on first use with ``torch.utils.cpp_extension``.
 
-Three quantizers, each a chain of elementwise passes in eager PyTorch, get one loop forward and one backward
-(``csrc/``): DoReFa's activation (below), PACT's (AdaBits; :mod:`methods.quant.pact`) and MBQuant's bounded
-quantizer (:mod:`methods.quant.bounded`). The last two run inside their Python autograd functions, through the
+Three activation quantizers, each a chain of elementwise passes in eager PyTorch, get one loop forward and one
+backward (``csrc/``): DoReFa's activation (below), PACT's (AdaBits; :mod:`methods.quant.pact`) and MBQuant's bounded
+quantizer (:mod:`methods.quant.bounded`). Two weight quantizers, DoReFa's and SAT's, get operators over the list of a
+network's layers (``csrc/weight_lists.cpp``, :func:`list_loop`): their terms once per step, the forward pass and the
+backward pass per bit-width, one call each where the list operations made one call per operation and layer. The last two run inside their Python autograd functions, through the
 kernels of :mod:`methods.quant.kernels` (:func:`loop`), which try them before the compiled forms; the sums that
 give a clipping level's or a bound's gradient stay ATen's, over a product in the input's layout, so they add in the
 same order. Each loop does the eager passes' IEEE operations in their order, so the same bits (the tests compare
@@ -42,7 +44,8 @@ import torch
 
 ENVIRONMENT_SWITCH = "MBQ_NATIVE_KERNELS"
 EXTENSION_NAME = "mbqbench_native"
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("clamp_round_unit.cpp", "pact.cpp", "bounded.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("clamp_round_unit.cpp", "pact.cpp", "bounded.cpp", "weight_lists.cpp"))
 
 
 class _State:
@@ -114,3 +117,16 @@ def loop(name: str, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
     runs."""
     return getattr(torch.ops.mbqbench_native, name)(*args)
 
+
+
+def list_loop(name: str, *args) -> list[torch.Tensor] | tuple[list[torch.Tensor], ...] | None:
+    """The ``mbqbench_native`` operator ``name`` over a list of layers' weights (DoReFa's weight quantizer and the
+    tanh-and-max backward it shares with SAT's; ``csrc/weight_lists.cpp``) on ``args``, or None where it does not
+    run: switched off or unavailable, under ``torch.compile``, while autograd records a graph (a double backward),
+    or where an input is not a contiguous float32 CPU tensor (the operator then answers an empty list). The caller's
+    list operations, which give the same bits, run instead."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not native_available():
+        return None
+    result = getattr(torch.ops.mbqbench_native, name)(*args)
+    first = result[0] if isinstance(result, tuple) else result
+    return result if len(first) else None

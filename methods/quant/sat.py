@@ -57,6 +57,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.export import Codes, assign_tensors, take_prefixed, with_prefix
+from methods.quant import native
 from methods.quant.dorefa import FULL_PRECISION, tanh_max_backward_many
 from methods.quant.modules import FLOAT_BITS, BitSwitchable, QuantizedSite, copy_weight_and_bias
 from methods.quant.pact import SwitchablePACT
@@ -106,6 +107,11 @@ class _SATTerms(WeightTerms):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         with torch.no_grad():
+            native_terms = native.list_loop("sat_weight_terms", weight)
+            if native_terms is not None:  # every term below in one call (methods.quant.native), the same bits
+                self.squashed, self.max_abs, self.normalized, unit, factor, at_max, ties, sign = native_terms
+                self._lazy.update(unit=unit, max_factor=factor, ties=(at_max, ties), sign=sign)
+                return
             self.squashed = torch.tanh(weight)
             self.max_abs = self.squashed.abs().max()
             self.normalized = self.squashed / self.max_abs
@@ -124,6 +130,9 @@ class _SATTerms(WeightTerms):
             return [t.normalized.clone() for t in terms]
         steps = 2**bits
         units = [t.lazy("unit", lambda t=t: (t.normalized + 1) / 2) for t in terms]
+        native_result = native.list_loop("sat_weight_forward", units, float(steps), scheme == "centered")
+        if native_result is not None:  # one loop per layer, the same operations (methods.quant.native)
+            return native_result
         # floor, clamp: the code the straight-through sum reproduces exactly (nested_quantize_unit)
         codes = torch._foreach_mul(units, steps)
         torch._foreach_floor_(codes)
@@ -140,18 +149,24 @@ class _SATTerms(WeightTerms):
         """Autograd's backward pass through the composition (``2 q - 1``, ``/ 2^b``, the straight-through code,
         ``* 2^b``, ``(w~ + 1) / 2``, ``s / M``, the max, ``|s|``, tanh), operation for operation, with the
         bit-width-independent factors read from the cache (the scheme's half step is a constant: no gradient)."""
-        grad_normalized = grads
-        if bits < FULL_PRECISION:
-            steps = 2**bits
-            grad_normalized = torch._foreach_mul(grads, 2)
-            torch._foreach_div_(grad_normalized, steps)
-            torch._foreach_mul_(grad_normalized, steps)
-            torch._foreach_div_(grad_normalized, 2)
         factors = [t.lazy("max_factor", lambda t=t: (t.squashed / t.max_abs) / t.max_abs) for t in terms]
-        to_max = torch._foreach_neg(grad_normalized)
-        torch._foreach_mul_(to_max, factors)
-        grad_max = [part.sum() for part in to_max]
-        grad_squashed = torch._foreach_div(grad_normalized, [t.max_abs for t in terms])
+        max_abs = [t.max_abs for t in terms]
+        native_result = (native.list_loop("sat_weight_backward", grads, max_abs, factors, float(2**bits))
+                         if bits < FULL_PRECISION else None)
+        if native_result is not None:  # one loop per layer, the same operations (methods.quant.native)
+            grad_squashed, grad_max = native_result
+        else:
+            grad_normalized = grads
+            if bits < FULL_PRECISION:
+                steps = 2**bits
+                grad_normalized = torch._foreach_mul(grads, 2)
+                torch._foreach_div_(grad_normalized, steps)
+                torch._foreach_mul_(grad_normalized, steps)
+                torch._foreach_div_(grad_normalized, 2)
+            to_max = torch._foreach_neg(grad_normalized)
+            torch._foreach_mul_(to_max, factors)
+            grad_max = [part.sum() for part in to_max]
+            grad_squashed = torch._foreach_div(grad_normalized, max_abs)
         return tanh_max_backward_many(grad_squashed, grad_max, terms, [t.squashed for t in terms])
 
 

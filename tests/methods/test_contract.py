@@ -123,14 +123,17 @@ def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_mode
 
     if not native.native_available():
         pytest.skip(f"no native operators: {native._State.failure}")
-    runs = []
+    runs, weight_runs = [], []
     for name in ("clamp_round_unit", "loop"):
         monkeypatch.setattr(native, name, counting(getattr(native, name), runs))
+    monkeypatch.setattr(native, "list_loop", counting(native.list_loop, weight_runs))
     for kernel in (kernels.bounded_forward, kernels.bounded_backward):  # the test networks' tensors are small
         monkeypatch.setattr(kernel, "native_min_elements", 1)
     ran = step_with_and_without(method_and_model, synthetic, native.native_kernels, runs)
-    quantized = method_and_model[0].name in ("anyprecision", "dedicated", "emq", "adabits", "mbquant")
-    assert ran == [quantized, False]
+    name = method_and_model[0].name
+    assert ran == [name in ("anyprecision", "dedicated", "emq", "adabits", "mbquant"), False]
+    # the weight-list operators: DoReFa's and SAT's weights (the step with them on runs first)
+    assert any(weight_runs) == (name in ("anyprecision", "dedicated", "emq", "adabits"))
 
 
 def test_storage_grows_with_bits_and_total_covers_each(method_and_model):
