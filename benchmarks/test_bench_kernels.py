@@ -2,7 +2,8 @@
 (methods/quant/kernels.py) for AdaBits (PACT activations) and MBQuant (bounded activations) at 32x32 inputs, where
 they run (with the native operators off), and the native operators (methods/quant/native.py: DoReFa, PACT and
 bounded quantizers) for every quantized method at 8x8 and 32x32 (off: the compiled kernels where they run, else the
-eager passes).
+eager passes), and of those the weight-list operators alone (DoReFa's and SAT's weights,
+methods/quant/csrc/weight_lists.cpp) for the methods with those weights (off: the list operations).
 
 Each method at its benchmark setting (ResNet-20, batch 128, bits 2,4,8); the timed step is the kernels' one, and
 ``extra_info`` holds ``eager_over_kernels``: the median over rounds of a step without them over the kernel step
@@ -13,7 +14,9 @@ cancels), and both steps' ratios to three full-precision steps. The first kernel
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -38,6 +41,20 @@ def test_step_with_and_without_kernels(benchmark, name):
 @pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq", "adabits", "mbquant"])
 def test_step_with_and_without_native(benchmark, name, size):
     _step_with_and_without(benchmark, name, SIZES[size], native_kernels, lambda: native._State.failure)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq", "adabits"])
+def test_step_with_and_without_weight_lists(benchmark, name, size):
+    _step_with_and_without(benchmark, name, SIZES[size], _weight_lists, lambda: native._State.failure)
+
+
+@contextlib.contextmanager
+def _weight_lists(on: bool):
+    """The weight-list operators on or off, every other native operator on: off, ``native.list_loop`` answers None,
+    as where an operator declines its inputs, and the callers run their list operations."""
+    with mock.patch.object(native, "list_loop", native.list_loop if on else lambda *args: None):
+        yield
 
 
 def _step_with_and_without(benchmark, name: str, size: int, switch, failure) -> None:
