@@ -129,8 +129,16 @@ MBQ_TARGET_CLONES bool shared_max_loop(const float* grad_normalized, const uint8
   return special == 0;
 }
 
+// floor(v) for a finite v, through rint, which GCC vectorizes where it does not vectorize floor (without
+// -fno-trapping-math): the nearest integer, less one where that lies above v; exact, -0.0 kept (the value is
+// discarded where v is not finite: the loop declines it)
+inline float floor_finite(float value) {
+  const float nearest = std::rint(value);
+  return nearest > value ? nearest - 1.0f : nearest;
+}
+
 // SAT's code min(floor(u 2^b), 2^b - 1): ATen's clamp_max lets a NaN through, as std::min(value, top) does
-inline float sat_code(float unit, float steps, float top) { return std::min(std::floor(unit * steps), top); }
+inline float sat_code(float unit, float steps, float top) { return std::min(floor_finite(unit * steps), top); }
 
 MBQ_TARGET_CLONES bool sat_forward_loop(const float* unit, float* out, int64_t count, float steps) {
   const float top = steps - 1.0f;

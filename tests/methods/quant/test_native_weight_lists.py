@@ -167,3 +167,21 @@ def test_nothing_native_runs_while_a_graph_is_recorded_or_on_other_dtypes():
         assert native.list_loop("dorefa_weight_forward", [weight], double_scale, 3.0) is None
         with native_kernels(False):
             assert native.list_loop("dorefa_weight_terms", weight) is None
+
+
+@pytest.mark.parametrize("scheme", ["original", "centered"])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_sat_codes_at_every_grid_point_and_its_neighbours(bits, scheme):
+    """SAT's floor (taken through rint in the native loop) at every ``j / 2^b``, its float neighbours and the half
+    steps, at 0, -0.0, 1 and just outside [0, 1]: the list operations' bits."""
+    steps = 2**bits
+    grid = torch.arange(steps + 1, dtype=torch.float64) / steps
+    points = torch.cat((grid, grid + 0.5 / steps, torch.tensor([-0.0, -1e-45, 1e-45, -0.3, 1.3]))).float()
+    units = torch.cat((points, torch.nextafter(points, torch.tensor(2.0)), torch.nextafter(points, torch.tensor(-1.0))))
+    results = []
+    for enabled in (True, False):
+        terms = _SATTerms.__new__(_SATTerms)
+        terms._lazy = {"unit": units}
+        with native_kernels(enabled), torch.no_grad():
+            results.append(_SATTerms.quantized_many([terms], bits, scheme)[0])
+    assert_same_bits([results[0]], [results[1]])
