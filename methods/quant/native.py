@@ -2,13 +2,16 @@
 
 Three activation quantizers, each a chain of elementwise passes in eager PyTorch, get one loop forward and one
 backward (``csrc/``): DoReFa's activation (below), PACT's (AdaBits; :mod:`methods.quant.pact`) and MBQuant's bounded
-quantizer (:mod:`methods.quant.bounded`). Two weight quantizers, DoReFa's and SAT's, get operators over the list of a
-network's layers (``csrc/weight_lists.cpp``, :func:`list_loop`): their terms once per step, the forward pass and the
-backward pass per bit-width, one call each where the list operations made one call per operation and layer. The last two run inside their Python autograd functions, through the
-kernels of :mod:`methods.quant.kernels` (:func:`loop`), which try them before the compiled forms; the sums that
-give a clipping level's or a bound's gradient stay ATen's, over a product in the input's layout, so they add in the
-same order. Each loop does the eager passes' IEEE operations in their order, so the same bits (the tests compare
-bit patterns).
+quantizer (:mod:`methods.quant.bounded`). PACT's and the bounded quantizer's loops run inside their Python autograd
+functions, through the kernels of :mod:`methods.quant.kernels` (:func:`loop`), which try them before the compiled
+forms; PACT's also inside a C++ autograd node (:func:`pact_quantize`), which takes the place of its Python function
+where it can. The sums that give a clipping level's or a bound's gradient stay ATen's, over a product in the input's
+layout, so they add in the same order. Each loop does the eager passes' IEEE operations in their order, so the same
+bits (the tests compare bit patterns).
+
+Two weight quantizers, DoReFa's and SAT's, get operators over the list of a network's layers
+(``csrc/weight_lists.cpp``, :func:`list_loop`): their terms once per step, the forward pass and the backward pass
+per bit-width, one call each where the list operations made one call per operation and layer.
 
 DoReFa's activation quantizer (Zhou et al., arXiv 1606.06160, Sec. 2.3;
 :func:`methods.quant.dorefa.dorefa_activation`) runs at every quantized convolution of every bit-width of every
@@ -109,6 +112,20 @@ def clamp_round_unit(x: torch.Tensor, levels: int) -> torch.Tensor | None:
             or not native_available()):
         return None
     return torch.ops.mbqbench_native.clamp_round_unit(x, levels)
+
+
+def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, levels: int) -> torch.Tensor | None:
+    """PACT's ``round(L clamp(x, 0, |alpha|) / |alpha|) / L * |alpha|`` (:func:`methods.quant.pact.pact_quantize`)
+    from the native operator, whose C++ autograd node runs the PACT loops forward and backward (the backward's eager
+    passes where the autograd function would take them: a recorded graph, an upstream gradient in another layout);
+    None where it does not run (``x`` not a dense float32 CPU tensor or ``alpha`` not float32 on the CPU, under
+    ``torch.compile``, switched off or unavailable), and the caller's autograd function then gives the same bits."""
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or alpha.dtype != torch.float32
+            or alpha.device.type != "cpu" or torch.compiler.is_compiling()
+            or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            or not native_available()):
+        return None
+    return torch.ops.mbqbench_native.pact_quantize(x, alpha, levels)
 
 
 def loop(name: str, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:

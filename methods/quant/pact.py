@@ -33,6 +33,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from harness.export import assign_tensors
+from methods.quant import native
 from methods.quant.dorefa import FULL_PRECISION
 from methods.quant.kernels import pact_backward, pact_forward
 from methods.quant.modules import FLOAT_BITS, BitSwitchable
@@ -97,6 +98,10 @@ class _PACTQuantize(torch.autograd.Function):
 
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
     """Clip ``x`` to ``[0, |alpha|]`` and round it to ``2^bits - 1`` uniform steps (straight-through)."""
+    # _PACTQuantize as a C++ autograd node around the same loops, where it runs: no Python in either pass
+    quantized = native.pact_quantize(x, alpha, 2**bits - 1)
+    if quantized is not None:
+        return quantized
     return _PACTQuantize.apply(x, alpha, 2**bits - 1)
 
 

@@ -1,12 +1,14 @@
 // PACT's activation quantizer (Choi et al., arXiv 1805.06085; AdaBits' form, Jin et al., arXiv 1912.09666,
-// Sec. 3.3) as two CPU loops for methods/quant/pact.py's autograd function, each one pass over memory where eager
-// PyTorch makes six passes forward and about twelve backward:
+// Sec. 3.3) as two CPU loops, each one pass over memory where eager PyTorch makes six passes forward and about twelve
+// backward, and an operator with a C++ autograd node that runs them (pact_quantize, below), so that no Python runs
+// in either pass; methods/quant/pact.py's autograd function calls the loops where the node does not run:
 //   forward   y = round(L clamp(x, 0, a) / a) / L * a
 //   backward  g where 0 < x < a (else 0), and g * dy/da with dy/da = (round(s) - s) / L + [x >= a],
 //             s = clamp(x, 0, a) / a * L; the caller sums the second output with ATen's sum, as the eager path does.
 // Same bits as methods/quant/pact.py's eager passes: the same IEEE operations in their order (clamp letting NaN
 // through and keeping -0.0, then /a, *L, round half to even, /L, *a; threshold_backward's "x <= 0 gives +0"),
 // built with -ffp-contract=off and without -ffast-math.
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -88,15 +90,74 @@ std::tuple<at::Tensor, at::Tensor> pact_backward(const at::Tensor& x, const at::
   return {outputs[0], outputs[1]};
 }
 
+// The eager passes of methods/quant/pact.py's backward, operation for operation, where the loop does not run: while
+// autograd records them (a double backward; they are then differentiable) or with the upstream gradient in another
+// layout than x (the loop's sum would add in another order).
+std::tuple<at::Tensor, at::Tensor> pact_backward_passes(const at::Tensor& x, const at::Tensor& alpha,
+                                                        const at::Tensor& clip, const at::Tensor& grad,
+                                                        int64_t levels) {
+  const auto grad_x = at::threshold_backward(at::threshold_backward(grad, x, 0), clip - x, 0);
+  // pact.py's _clip: a clipping level without gradient and dimensions bounds torch.clamp as a number
+  auto clipped = !clip.requires_grad() && clip.dim() == 0 ? at::clamp(x, 0.0, clip.item())
+                                                          : at::minimum(at::relu(x), clip);
+  auto scaled = clipped.div_(clip).mul_(levels);
+  const auto dy_da = (at::round(scaled) - scaled).div_(levels).add_(x >= clip);
+  return {grad_x, (grad * dy_da).sum().reshape(alpha.sizes()) * alpha.sgn()};
+}
+
+// y = round(L clamp(x, 0, |alpha|) / |alpha|) / L * |alpha|, below autograd
+at::Tensor pact_quantize_cpu(const at::Tensor& x, const at::Tensor& alpha, int64_t levels) {
+  return pact_forward(x, alpha.abs(), static_cast<double>(levels));
+}
+
+// methods/quant/pact.py's autograd function in C++: it saves x and alpha, and its backward returns the gradient at x
+// and sum(g dy/da) sign(alpha) at alpha from the loop (or the eager passes, above), the same values
+class PACTQuantize : public torch::autograd::Function<PACTQuantize> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& alpha,
+                            int64_t levels) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, alpha});
+    ctx->saved_data["levels"] = levels;
+    return pact_quantize_cpu(x, alpha, levels);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &alpha = saved[1], &grad = grads[0];
+    const auto levels = ctx->saved_data["levels"].toInt();
+    const auto clip = alpha.abs();
+    at::Tensor grad_x, grad_alpha;
+    if (at::GradMode::is_enabled() || grad.scalar_type() != x.scalar_type() || grad.strides() != x.strides()) {
+      std::tie(grad_x, grad_alpha) = pact_backward_passes(x, alpha, clip, grad, levels);
+    } else {
+      at::Tensor product;
+      std::tie(grad_x, product) = pact_backward(x, clip, grad, static_cast<double>(levels));
+      grad_alpha = product.sum().reshape(alpha.sizes()) * alpha.sgn();
+    }
+    return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(), ctx->needs_input_grad(1) ? grad_alpha : at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor pact_quantize_autograd(const at::Tensor& x, const at::Tensor& alpha, int64_t levels) {
+  return PACTQuantize::apply(x, alpha, levels);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
   // the arguments of methods/quant/kernels.py's formulas, in their order
   m.def("pact_forward(Tensor x, Tensor clip, float levels) -> Tensor");
   m.def("pact_backward(Tensor x, Tensor clip, Tensor grad, float levels) -> (Tensor, Tensor)");
+  m.def("pact_quantize(Tensor x, Tensor alpha, int levels) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mbqbench_native, CPU, m) {
   m.impl("pact_forward", &pact_forward);
   m.impl("pact_backward", &pact_backward);
+  m.impl("pact_quantize", &pact_quantize_cpu);
 }
+
+TORCH_LIBRARY_IMPL(mbqbench_native, Autograd, m) { m.impl("pact_quantize", &pact_quantize_autograd); }

@@ -245,6 +245,31 @@ def test_pact_double_backward_equals_the_eager_passes():
     assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))
 
 
+def test_pact_runs_the_native_node_on_dense_float32_cpu_inputs():
+    x, alpha = torch.randn(4, 3, 5, 5, requires_grad=True), torch.tensor(1.5, requires_grad=True)
+    assert type(pact_quantize(x, alpha, 2).grad_fn).__name__ == "CppFunction"
+    channels_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert type(pact_quantize(channels_last, alpha, 2).grad_fn).__name__ == "CppFunction"
+    assert type(pact_quantize(x.transpose(1, 3), alpha, 2).grad_fn).__name__ == "_PACTQuantizeBackward"
+    assert type(pact_quantize(x.double(), alpha.double(), 2).grad_fn).__name__ == "_PACTQuantizeBackward"
+    with native_kernels(False):
+        assert type(pact_quantize(x, alpha, 2).grad_fn).__name__ == "_PACTQuantizeBackward"
+
+
+@pytest.mark.parametrize("needs", ["x", "alpha"])
+def test_pact_node_with_one_gradient_equals_the_autograd_function(needs):
+    torch.manual_seed(4)
+    values, upstream = torch.randn(6, 4, 3, 3) * 2, torch.randn(6, 4, 3, 3)
+    results = []
+    for enabled in (True, False):
+        x, alpha = values.clone().requires_grad_(needs == "x"), torch.tensor(-1.3, requires_grad=needs == "alpha")
+        with native_kernels(enabled), fused_kernels(False):
+            out = pact_quantize(x, alpha, 3)
+            (grad,) = torch.autograd.grad(out, x if needs == "x" else alpha, upstream)
+        results.append((out, grad))
+    assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))
+
+
 def bounded_results(x, lower, upper, upstream, bits: int, *, enabled: bool) -> list[torch.Tensor]:
     """MBQuant's bounded quantizer: the output and the gradients at x and both bounds, with the native loops on, or
     with them and the compiled kernels off (the eager passes)."""
