@@ -19,7 +19,9 @@ Bounds initialization: ``u_W = 3 std(w_branch)``, ``l_W = -3 std(w_branch)``; ``
 
 The forward pass and, with plain STE, the backward's elementwise part each run as one loop where they can, with
 the same bits: native C++ (:mod:`methods.quant.native`, from 131K elements), else compiled
-(:mod:`methods.quant.kernels`, from 1M).
+(:mod:`methods.quant.kernels`, from 1M). With plain STE on dense float32 CPU inputs the whole quantizer is a native
+operator with a C++ autograd node (the same loops, and :class:`_BoundedQuantize`'s eager passes written out in ATen
+where the loops do not run), so no Python runs per call; elsewhere :class:`_BoundedQuantize`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 
 import torch
 
+from methods.quant import native
 from methods.quant.backward_ops import hardtanh_backward_like
 from methods.quant.kernels import bounded_backward, bounded_forward
 
@@ -116,7 +119,14 @@ def bounded_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, 
                      backward_scaling: float = 0.0) -> torch.Tensor:
     """``round((2^bits - 1) clamp((x - l) / (u - l), 0, 1)) / (2^bits - 1)``; straight-through gradient (EWGS's
     ``g (1 + delta sign(g) (x_n - x_q))`` if ``backward_scaling = delta > 0``). Bounds broadcast against ``x``."""
-    return _BoundedQuantize.apply(x, lower, upper, 2**bits - 1, float(backward_scaling))
+    levels = 2**bits - 1
+    if not backward_scaling:
+        # _BoundedQuantize as a C++ autograd node around the same loops and passes: no Python in either pass
+        quantized = native.bounded_quantize(x, lower, upper, levels, bounded_forward.native_min_elements,
+                                            bounded_backward.native_min_elements)
+        if quantized is not None:
+            return quantized
+    return _BoundedQuantize.apply(x, lower, upper, levels, float(backward_scaling))
 
 
 def quantize_weight_2bit(weight: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,

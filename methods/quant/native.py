@@ -4,10 +4,10 @@ Three activation quantizers, each a chain of elementwise passes in eager PyTorch
 backward (``csrc/``): DoReFa's activation (below), PACT's (AdaBits; :mod:`methods.quant.pact`) and MBQuant's bounded
 quantizer (:mod:`methods.quant.bounded`). PACT's and the bounded quantizer's loops run inside their Python autograd
 functions, through the kernels of :mod:`methods.quant.kernels` (:func:`loop`), which try them before the compiled
-forms; PACT's also inside a C++ autograd node (:func:`pact_quantize`), which takes the place of its Python function
-where it can. The sums that give a clipping level's or a bound's gradient stay ATen's, over a product in the input's
-layout, so they add in the same order. Each loop does the eager passes' IEEE operations in their order, so the same
-bits (the tests compare bit patterns).
+forms, and inside C++ autograd nodes (:func:`pact_quantize`, :func:`bounded_quantize`), which take the place of the
+Python functions where they can. The sums that give a clipping level's or a bound's gradient stay ATen's, over a
+product in the input's layout, so they add in the same order. Each loop does the eager passes' IEEE operations in
+their order, so the same bits (the tests compare bit patterns).
 
 Two weight quantizers, DoReFa's and SAT's, get operators over the list of a network's layers
 (``csrc/weight_lists.cpp``, :func:`list_loop`): their terms once per step, the forward pass and the backward pass
@@ -120,12 +120,29 @@ def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, levels: int) -> torch.Te
     passes where the autograd function would take them: a recorded graph, an upstream gradient in another layout);
     None where it does not run (``x`` not a dense float32 CPU tensor or ``alpha`` not float32 on the CPU, under
     ``torch.compile``, switched off or unavailable), and the caller's autograd function then gives the same bits."""
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or alpha.dtype != torch.float32
-            or alpha.device.type != "cpu" or torch.compiler.is_compiling()
-            or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-            or not native_available()):
+    if (not _dense_float32_cpu(x) or alpha.dtype != torch.float32 or alpha.device.type != "cpu"
+            or torch.compiler.is_compiling() or not native_available()):
         return None
     return torch.ops.mbqbench_native.pact_quantize(x, alpha, levels)
+
+
+def bounded_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int, forward_min: int,
+                     backward_min: int) -> torch.Tensor | None:
+    """MBQuant's ``round(L clamp((x - l) / (u - l), 0, 1)) / L`` with plain STE
+    (:func:`methods.quant.bounded.bounded_quantize`) from the native operator, whose C++ autograd node runs the
+    bounded loops from ``forward_min`` / ``backward_min`` elements and the autograd function's eager passes, written
+    in ATen, elsewhere; None where it does not run (``x`` not a dense float32 CPU tensor, a bound not float32 on the
+    CPU, under ``torch.compile``, switched off or unavailable), and the caller's autograd function then gives the
+    same bits."""
+    if (not _dense_float32_cpu(x) or any(b.dtype != torch.float32 or b.device.type != "cpu" for b in (lower, upper))
+            or torch.compiler.is_compiling() or not native_available()):
+        return None
+    return torch.ops.mbqbench_native.bounded_quantize(x, lower, upper, levels, forward_min, backward_min)
+
+
+def _dense_float32_cpu(x: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and x.device.type == "cpu"
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
 
 
 def loop(name: str, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:

@@ -124,7 +124,7 @@ def test_train_step_with_native_operators_gives_the_pytorch_bits(method_and_mode
     if not native.native_available():
         pytest.skip(f"no native operators: {native._State.failure}")
     runs, weight_runs = [], []
-    for name in ("clamp_round_unit", "pact_quantize", "loop"):
+    for name in ("clamp_round_unit", "pact_quantize", "bounded_quantize", "loop"):
         monkeypatch.setattr(native, name, counting(getattr(native, name), runs))
     monkeypatch.setattr(native, "list_loop", counting(native.list_loop, weight_runs))
     for kernel in (kernels.bounded_forward, kernels.bounded_backward):  # the test networks' tensors are small

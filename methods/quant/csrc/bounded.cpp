@@ -1,6 +1,8 @@
 // MBQuant's bounded quantizer (Zhong et al., arXiv 2305.08117, Sec. 3.2, in EWGS's form with plain STE) as two CPU
-// loops for methods/quant/bounded.py's autograd function, each one pass over memory where eager PyTorch makes five
-// forward and three backward; the bounds broadcast against x (one pair per channel or per branch):
+// loops, each one pass over memory where eager PyTorch makes five forward and three backward, and an operator with a
+// C++ autograd node (bounded_quantize, below) that runs them, or methods/quant/bounded.py's eager passes written out
+// in ATen where the loops do not run, so that no Python runs in either pass; the bounds broadcast against x (one
+// pair per channel or per branch):
 //   forward   n = (x - l) * g_inv  (kept for the backward pass),  q = round(L clamp(n, 0, 1)) / L
 //   backward  g_n = (n <= below or n >= above) ? 0 : g * g_inv  (hardtanh_backward on bounds one step outside
 //             [0, 1]), and g_n * n, which the caller sums into the bounds' gradients with ATen's sums.
@@ -8,8 +10,10 @@
 // -0.0, round half to even), built with -ffp-contract=off and without -ffast-math; a NaN n is the one case where
 // the eager mask's value depends on the element's position (its vector and scalar loops differ), so there the bits
 // may differ.
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <tuple>
 
 #include "native_loops.h"
@@ -121,6 +125,120 @@ std::tuple<at::Tensor, at::Tensor> bounded_backward(const at::Tensor& normalized
   return {outputs[0], outputs[1]};
 }
 
+// bounded.py's MIN_BOUND_GAP, and the bounds of its inclusive mask: one float32 step outside [0, 1]
+constexpr double kMinBoundGap = 1e-8;
+constexpr double kBelow = -static_cast<double>(std::numeric_limits<float>::min());
+constexpr double kAbove = 1.0 + static_cast<double>(std::numeric_limits<float>::epsilon());
+
+bool dense(const at::Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// CompiledKernel.run_like's checks (methods/quant/kernels.py) for a loop over `x`: at least `min_elements`
+// elements, no graph being recorded, every other operand of x's dtype and, if of x's shape, of its layout
+bool loop_runs(const at::Tensor& x, std::initializer_list<at::Tensor> others, int64_t min_elements) {
+  if (at::GradMode::is_enabled() || x.numel() < min_elements || !dense(x)) {
+    return false;
+  }
+  for (const auto& t : others) {
+    if (t.scalar_type() != x.scalar_type() || (t.sizes() == x.sizes() && t.strides() != x.strides())) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The loops through the dispatcher, so that a profile names them inside the node's passes
+std::tuple<at::Tensor, at::Tensor> dispatch_forward(const at::Tensor& x, const at::Tensor& lower,
+                                                    const at::Tensor& inverse_gap, double levels) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mbqbench_native::bounded_forward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, double)>();
+  return op.call(x, lower, inverse_gap, levels);
+}
+
+std::tuple<at::Tensor, at::Tensor> dispatch_backward(const at::Tensor& normalized, const at::Tensor& inverse_gap,
+                                                     const at::Tensor& grad, double below, double above) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mbqbench_native::bounded_backward", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const at::Tensor&, double, double)>();
+  return op.call(normalized, inverse_gap, grad, below, above);
+}
+
+// (n, q, 1 / (u - l)): the loop where it runs, bounded.py's eager passes elsewhere
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bounded_values_of(const at::Tensor& x, const at::Tensor& lower,
+                                                                 const at::Tensor& upper, int64_t levels,
+                                                                 int64_t forward_min) {
+  // 1.0 / t in Python is t.reciprocal() * 1.0
+  const auto inverse_gap = at::reciprocal((upper - lower).clamp_min(kMinBoundGap)) * 1.0;
+  if (loop_runs(x, {lower, inverse_gap}, forward_min)) {
+    auto [normalized, quantized] = dispatch_forward(x, lower, inverse_gap, static_cast<double>(levels));
+    if (normalized.strides() == x.strides() && quantized.strides() == x.strides()) {
+      return {normalized, quantized, inverse_gap};
+    }
+  }
+  auto normalized = (x - lower).mul_(inverse_gap);
+  auto quantized = normalized.clamp(0.0, 1.0).mul_(levels).round_().div_(levels);
+  return {normalized, quantized, inverse_gap};
+}
+
+// q below autograd (evaluation, inference mode)
+at::Tensor bounded_quantize_cpu(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper, int64_t levels,
+                                int64_t forward_min, int64_t /*backward_min*/) {
+  return std::get<1>(bounded_values_of(x, lower, upper, levels, forward_min));
+}
+
+// bounded.py's _BoundedQuantize in C++ (plain STE): the loops where they run, its eager passes elsewhere
+class BoundedQuantize : public torch::autograd::Function<BoundedQuantize> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& lower,
+                            const at::Tensor& upper, int64_t levels, int64_t forward_min, int64_t backward_min) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [normalized, quantized, inverse_gap] = bounded_values_of(x, lower, upper, levels, forward_min);
+    ctx->save_for_backward({normalized, lower, upper, inverse_gap});
+    ctx->saved_data["backward_min"] = backward_min;
+    return quantized;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &normalized = saved[0], &lower = saved[1], &upper = saved[2], &inverse_gap = saved[3];
+    const auto& grad = grads[0];
+    at::Tensor grad_normalized, product;
+    if (loop_runs(normalized, {inverse_gap, grad}, ctx->saved_data["backward_min"].toInt())) {
+      std::tie(grad_normalized, product) = dispatch_backward(normalized, inverse_gap, grad, kBelow, kAbove);
+      if (grad_normalized.strides() != normalized.strides() || product.strides() != normalized.strides()) {
+        grad_normalized = product = at::Tensor();
+      }
+    }
+    if (!grad_normalized.defined()) {  // inclusive_unit_mask_backward, in n's layout
+      grad_normalized = at::empty_like(normalized);
+      at::hardtanh_backward_out(grad_normalized, grad * inverse_gap, normalized, kBelow, kAbove);
+    }
+    at::Tensor grad_lower, grad_upper;
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      // dn/dl = (n - 1) / (u - l) and dn/du = -n / (u - l); the n-terms vanish where the gap is clamped
+      const auto gap = upper - lower;
+      if (!product.defined()) {
+        product = grad_normalized * normalized;
+      }
+      const auto weighted = product.sum_to_size(gap.sizes()) * (gap >= kMinBoundGap);
+      grad_lower = (weighted - grad_normalized.sum_to_size(gap.sizes())).sum_to_size(lower.sizes());
+      grad_upper = (-weighted).sum_to_size(upper.sizes());
+    }
+    return {ctx->needs_input_grad(0) ? grad_normalized : at::Tensor(), grad_lower, grad_upper, at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor bounded_quantize_autograd(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
+                                     int64_t levels, int64_t forward_min, int64_t backward_min) {
+  return BoundedQuantize::apply(x, lower, upper, levels, forward_min, backward_min);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
@@ -128,9 +246,15 @@ TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
   m.def("bounded_forward(Tensor x, Tensor lower, Tensor inverse_gap, float levels) -> (Tensor, Tensor)");
   m.def("bounded_backward(Tensor normalized, Tensor inverse_gap, Tensor grad, float below, float above) -> "
         "(Tensor, Tensor)");
+  // the loops from forward_min and backward_min elements (kernels.py's native_min_elements of each)
+  m.def("bounded_quantize(Tensor x, Tensor lower, Tensor upper, int levels, int forward_min, int backward_min) -> "
+        "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mbqbench_native, CPU, m) {
   m.impl("bounded_forward", &bounded_forward);
   m.impl("bounded_backward", &bounded_backward);
+  m.impl("bounded_quantize", &bounded_quantize_cpu);
 }
+
+TORCH_LIBRARY_IMPL(mbqbench_native, Autograd, m) { m.impl("bounded_quantize", &bounded_quantize_autograd); }

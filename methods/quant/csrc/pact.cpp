@@ -90,6 +90,23 @@ std::tuple<at::Tensor, at::Tensor> pact_backward(const at::Tensor& x, const at::
   return {outputs[0], outputs[1]};
 }
 
+// The loops through the dispatcher, so that a profile names them inside the node's passes
+at::Tensor dispatch_forward(const at::Tensor& x, const at::Tensor& clip, double levels) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mbqbench_native::pact_forward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, clip, levels);
+}
+
+std::tuple<at::Tensor, at::Tensor> dispatch_backward(const at::Tensor& x, const at::Tensor& clip,
+                                                     const at::Tensor& grad, double levels) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mbqbench_native::pact_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(x, clip, grad, levels);
+}
+
 // The eager passes of methods/quant/pact.py's backward, operation for operation, where the loop does not run: while
 // autograd records them (a double backward; they are then differentiable) or with the upstream gradient in another
 // layout than x (the loop's sum would add in another order).
@@ -107,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> pact_backward_passes(const at::Tensor& x, con
 
 // y = round(L clamp(x, 0, |alpha|) / |alpha|) / L * |alpha|, below autograd
 at::Tensor pact_quantize_cpu(const at::Tensor& x, const at::Tensor& alpha, int64_t levels) {
-  return pact_forward(x, alpha.abs(), static_cast<double>(levels));
+  return dispatch_forward(x, alpha.abs(), static_cast<double>(levels));
 }
 
 // methods/quant/pact.py's autograd function in C++: it saves x and alpha, and its backward returns the gradient at x
@@ -133,7 +150,7 @@ class PACTQuantize : public torch::autograd::Function<PACTQuantize> {
       std::tie(grad_x, grad_alpha) = pact_backward_passes(x, alpha, clip, grad, levels);
     } else {
       at::Tensor product;
-      std::tie(grad_x, product) = pact_backward(x, clip, grad, static_cast<double>(levels));
+      std::tie(grad_x, product) = dispatch_backward(x, clip, grad, static_cast<double>(levels));
       grad_alpha = product.sum().reshape(alpha.sizes()) * alpha.sgn();
     }
     return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(), ctx->needs_input_grad(1) ? grad_alpha : at::Tensor(),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from harness.registry import get_method
 from methods.quant import kernels, native
@@ -247,7 +248,11 @@ def test_pact_double_backward_equals_the_eager_passes():
 
 def test_pact_runs_the_native_node_on_dense_float32_cpu_inputs():
     x, alpha = torch.randn(4, 3, 5, 5, requires_grad=True), torch.tensor(1.5, requires_grad=True)
-    assert type(pact_quantize(x, alpha, 2).grad_fn).__name__ == "CppFunction"
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = pact_quantize(x, alpha, 2)
+        out.backward(torch.ones_like(out))  # out.sum()'s gradient would be an expanded one: the eager passes
+    assert type(out.grad_fn).__name__ == "CppFunction"
+    assert {"mbqbench_native::pact_forward", "mbqbench_native::pact_backward"} <= {e.name for e in prof.events()}
     channels_last = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     assert type(pact_quantize(channels_last, alpha, 2).grad_fn).__name__ == "CppFunction"
     assert type(pact_quantize(x.transpose(1, 3), alpha, 2).grad_fn).__name__ == "_PACTQuantizeBackward"
@@ -284,10 +289,6 @@ def bounded_results(x, lower, upper, upstream, bits: int, *, enabled: bool) -> l
 @pytest.mark.parametrize("bits", BITS)
 def test_bounded_forward_and_gradients_bits_equal_the_eager_passes(bits, memory_format, monkeypatch):
     bounded_loops_at_every_size(monkeypatch)
-    runs = []
-    for name in ("bounded_forward", "bounded_backward"):
-        operator = getattr(torch.ops.mbqbench_native, name)
-        monkeypatch.setattr(torch.ops.mbqbench_native, name, lambda *args, op=operator: runs.append(1) or op(*args))
     generator = torch.Generator().manual_seed(bits)
     lower = torch.randn(1, 16, 1, 1, generator=generator) * 0.3 - 0.5
     upper = lower + torch.rand(1, 16, 1, 1, generator=generator) * 2
@@ -303,8 +304,11 @@ def test_bounded_forward_and_gradients_bits_equal_the_eager_passes(bits, memory_
     upstream.view(-1)[:4] = torch.tensor([-0.0, float("inf"), -float("inf"), 1e-40])
     if memory_format == "channels_last":
         x, upstream = (t.contiguous(memory_format=torch.channels_last) for t in (x, upstream))
-    native_results = bounded_results(x, lower, upper, upstream, bits, enabled=True)
-    assert len(runs) == 2
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        native_results = bounded_results(x, lower, upper, upstream, bits, enabled=True)
+    names = {event.name for event in prof.events()}  # the node ran both loops
+    assert {"mbqbench_native::bounded_quantize", "mbqbench_native::bounded_forward",
+            "mbqbench_native::bounded_backward"} <= names
     eager_results = bounded_results(x, lower, upper, upstream, bits, enabled=False)
     for a, b in zip(native_results, eager_results):
         assert a.stride() == b.stride()
@@ -331,6 +335,31 @@ def test_bounded_weight_layout_and_fallbacks(monkeypatch):
                 out.backward(upstream)
             results.append([out, *(leaf.grad for leaf in leaves)])
         assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))
+
+
+def test_bounded_runs_the_native_node_where_its_autograd_function_would_run():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    lower, upper = torch.full((1, 4, 1, 1), -0.5, requires_grad=True), torch.full((1, 4, 1, 1), 0.7)
+    assert type(bounded_quantize(x, lower, upper, 2).grad_fn).__name__ == "CppFunction"
+    python_function = "_BoundedQuantizeBackward"
+    assert type(bounded_quantize(x[:, :, ::2], lower, upper, 2).grad_fn).__name__ == python_function
+    assert type(bounded_quantize(x, lower, upper, 2, backward_scaling=0.2).grad_fn).__name__ == python_function
+    with native_kernels(False):
+        assert type(bounded_quantize(x, lower, upper, 2).grad_fn).__name__ == python_function
+
+
+@pytest.mark.parametrize("loops_from", ["every size", "default"])
+def test_native_nodes_without_autograd_give_the_same_values(loops_from, monkeypatch):
+    """Under inference mode the operators run their CPU kernels (no node): the autograd functions' values."""
+    if loops_from == "every size":
+        bounded_loops_at_every_size(monkeypatch)
+    x = torch.randn(8, 16, 6, 6) * 2
+    lower, upper, alpha = torch.full((1, 16, 1, 1), -0.4), torch.full((1, 16, 1, 1), 0.9), torch.tensor(1.7)
+    results = []
+    for enabled in (True, False):
+        with native_kernels(enabled), fused_kernels(False), torch.inference_mode():
+            results.append((bounded_quantize(x, lower, upper, 3), pact_quantize(x, alpha, 3)))
+    assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))
 
 
 def test_bounded_loops_skip_small_tensors():
