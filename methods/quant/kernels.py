@@ -153,8 +153,7 @@ class CompiledKernel:
 def _eligible(x: torch.Tensor) -> bool:
     """What every kernel needs: a dense (contiguous or channels_last) float32 CPU tensor, outside ``torch.compile``
     (a compiled network fuses the formula itself)."""
-    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
-            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
+    return not torch.compiler.is_compiling() and native.dense_float32_cpu(x)
 
 
 def _compiled_on(x: torch.Tensor, kernel: CompiledKernel) -> bool:

@@ -120,7 +120,7 @@ def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, levels: int) -> torch.Te
     passes where the autograd function would take them: a recorded graph, an upstream gradient in another layout);
     None where it does not run (``x`` not a dense float32 CPU tensor or ``alpha`` not float32 on the CPU, under
     ``torch.compile``, switched off or unavailable), and the caller's autograd function then gives the same bits."""
-    if (not _dense_float32_cpu(x) or alpha.dtype != torch.float32 or alpha.device.type != "cpu"
+    if (not dense_float32_cpu(x) or alpha.dtype != torch.float32 or alpha.device.type != "cpu"
             or torch.compiler.is_compiling() or not native_available()):
         return None
     return torch.ops.mbqbench_native.pact_quantize(x, alpha, levels)
@@ -134,13 +134,15 @@ def bounded_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, 
     in ATen, elsewhere; None where it does not run (``x`` not a dense float32 CPU tensor, a bound not float32 on the
     CPU, under ``torch.compile``, switched off or unavailable), and the caller's autograd function then gives the
     same bits."""
-    if (not _dense_float32_cpu(x) or any(b.dtype != torch.float32 or b.device.type != "cpu" for b in (lower, upper))
+    if (not dense_float32_cpu(x) or any(b.dtype != torch.float32 or b.device.type != "cpu" for b in (lower, upper))
             or torch.compiler.is_compiling() or not native_available()):
         return None
     return torch.ops.mbqbench_native.bounded_quantize(x, lower, upper, levels, forward_min, backward_min)
 
 
-def _dense_float32_cpu(x: torch.Tensor) -> bool:
+def dense_float32_cpu(x: torch.Tensor) -> bool:
+    """A float32 CPU tensor, contiguous or channels_last: the layouts whose elementwise results the loops write in
+    the input's layout."""
     return (x.dtype == torch.float32 and x.device.type == "cpu"
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)))
 

@@ -130,40 +130,18 @@ constexpr double kMinBoundGap = 1e-8;
 constexpr double kBelow = -static_cast<double>(std::numeric_limits<float>::min());
 constexpr double kAbove = 1.0 + static_cast<double>(std::numeric_limits<float>::epsilon());
 
-bool dense(const at::Tensor& t) {
-  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// CompiledKernel.run_like's checks (methods/quant/kernels.py) for a loop over `x`: at least `min_elements`
-// elements, no graph being recorded, every other operand of x's dtype and, if of x's shape, of its layout
-bool loop_runs(const at::Tensor& x, std::initializer_list<at::Tensor> others, int64_t min_elements) {
-  if (at::GradMode::is_enabled() || x.numel() < min_elements || !dense(x)) {
-    return false;
-  }
-  for (const auto& t : others) {
-    if (t.scalar_type() != x.scalar_type() || (t.sizes() == x.sizes() && t.strides() != x.strides())) {
-      return false;
-    }
-  }
-  return true;
-}
-
 // The loops through the dispatcher, so that a profile names them inside the node's passes
 std::tuple<at::Tensor, at::Tensor> dispatch_forward(const at::Tensor& x, const at::Tensor& lower,
                                                     const at::Tensor& inverse_gap, double levels) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mbqbench_native::bounded_forward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const at::Tensor&, double)>();
+  static const auto op = mbq::operator_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>("mbqbench_native::bounded_forward");
   return op.call(x, lower, inverse_gap, levels);
 }
 
 std::tuple<at::Tensor, at::Tensor> dispatch_backward(const at::Tensor& normalized, const at::Tensor& inverse_gap,
                                                      const at::Tensor& grad, double below, double above) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mbqbench_native::bounded_backward", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                       const at::Tensor&, double, double)>();
+  static const auto op = mbq::operator_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>("mbqbench_native::bounded_backward");
   return op.call(normalized, inverse_gap, grad, below, above);
 }
 
@@ -173,9 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bounded_values_of(const at::Tenso
                                                                  int64_t forward_min) {
   // 1.0 / t in Python is t.reciprocal() * 1.0
   const auto inverse_gap = at::reciprocal((upper - lower).clamp_min(kMinBoundGap)) * 1.0;
-  if (loop_runs(x, {lower, inverse_gap}, forward_min)) {
+  if (mbq::loop_runs(x, {lower, inverse_gap}, forward_min)) {
     auto [normalized, quantized] = dispatch_forward(x, lower, inverse_gap, static_cast<double>(levels));
-    if (normalized.strides() == x.strides() && quantized.strides() == x.strides()) {
+    if (mbq::in_layout_of(x, {normalized, quantized})) {
       return {normalized, quantized, inverse_gap};
     }
   }
@@ -208,9 +186,9 @@ class BoundedQuantize : public torch::autograd::Function<BoundedQuantize> {
     const auto &normalized = saved[0], &lower = saved[1], &upper = saved[2], &inverse_gap = saved[3];
     const auto& grad = grads[0];
     at::Tensor grad_normalized, product;
-    if (loop_runs(normalized, {inverse_gap, grad}, ctx->saved_data["backward_min"].toInt())) {
+    if (mbq::loop_runs(normalized, {inverse_gap, grad}, ctx->saved_data["backward_min"].toInt())) {
       std::tie(grad_normalized, product) = dispatch_backward(normalized, inverse_gap, grad, kBelow, kAbove);
-      if (grad_normalized.strides() != normalized.strides() || product.strides() != normalized.strides()) {
+      if (!mbq::in_layout_of(normalized, {grad_normalized, product})) {
         grad_normalized = product = at::Tensor();
       }
     }

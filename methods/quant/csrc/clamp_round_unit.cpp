@@ -47,9 +47,8 @@ at::Tensor clamp_round_unit_cpu(const at::Tensor& x, int64_t levels) {
 }
 
 at::Tensor clamp_round_unit_below_autograd(const at::Tensor& x, int64_t levels) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mbqbench_native::clamp_round_unit", "")
-                             .typed<at::Tensor(const at::Tensor&, int64_t)>();
+  static const auto op =
+      mbq::operator_handle<at::Tensor(const at::Tensor&, int64_t)>("mbqbench_native::clamp_round_unit");
   return op.call(x, levels);
 }
 

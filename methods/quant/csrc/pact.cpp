@@ -92,19 +92,21 @@ std::tuple<at::Tensor, at::Tensor> pact_backward(const at::Tensor& x, const at::
 
 // The loops through the dispatcher, so that a profile names them inside the node's passes
 at::Tensor dispatch_forward(const at::Tensor& x, const at::Tensor& clip, double levels) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mbqbench_native::pact_forward", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  static const auto op = mbq::operator_handle<at::Tensor(const at::Tensor&, const at::Tensor&, double)>(
+      "mbqbench_native::pact_forward");
   return op.call(x, clip, levels);
 }
 
 std::tuple<at::Tensor, at::Tensor> dispatch_backward(const at::Tensor& x, const at::Tensor& clip,
                                                      const at::Tensor& grad, double levels) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mbqbench_native::pact_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  static const auto op = mbq::operator_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>("mbqbench_native::pact_backward");
   return op.call(x, clip, grad, levels);
+}
+
+// pact.py's _clip: min(relu(x), a); a clipping level without gradient and dimensions bounds torch.clamp as a number
+at::Tensor clip_between(const at::Tensor& x, const at::Tensor& clip) {
+  return !clip.requires_grad() && clip.dim() == 0 ? at::clamp(x, 0.0, clip.item()) : at::minimum(at::relu(x), clip);
 }
 
 // The eager passes of methods/quant/pact.py's backward, operation for operation, where the loop does not run: while
@@ -114,17 +116,22 @@ std::tuple<at::Tensor, at::Tensor> pact_backward_passes(const at::Tensor& x, con
                                                         const at::Tensor& clip, const at::Tensor& grad,
                                                         int64_t levels) {
   const auto grad_x = at::threshold_backward(at::threshold_backward(grad, x, 0), clip - x, 0);
-  // pact.py's _clip: a clipping level without gradient and dimensions bounds torch.clamp as a number
-  auto clipped = !clip.requires_grad() && clip.dim() == 0 ? at::clamp(x, 0.0, clip.item())
-                                                          : at::minimum(at::relu(x), clip);
-  auto scaled = clipped.div_(clip).mul_(levels);
+  auto scaled = clip_between(x, clip).div_(clip).mul_(levels);
   const auto dy_da = (at::round(scaled) - scaled).div_(levels).add_(x >= clip);
   return {grad_x, (grad * dy_da).sum().reshape(alpha.sizes()) * alpha.sgn()};
 }
 
-// y = round(L clamp(x, 0, |alpha|) / |alpha|) / L * |alpha|, below autograd
+// y = round(L clamp(x, 0, |alpha|) / |alpha|) / L * |alpha|, below autograd: the loop, or pact.py's eager passes
+// where it does not run
 at::Tensor pact_quantize_cpu(const at::Tensor& x, const at::Tensor& alpha, int64_t levels) {
-  return dispatch_forward(x, alpha.abs(), static_cast<double>(levels));
+  const auto clip = alpha.abs();
+  if (mbq::loop_runs(x, {clip})) {
+    auto quantized = dispatch_forward(x, clip, static_cast<double>(levels));
+    if (mbq::in_layout_of(x, {quantized})) {
+      return quantized;
+    }
+  }
+  return clip_between(x, clip).div_(clip).mul_(levels).round_().div_(levels).mul_(clip);
 }
 
 // methods/quant/pact.py's autograd function in C++: it saves x and alpha, and its backward returns the gradient at x
@@ -145,13 +152,14 @@ class PACTQuantize : public torch::autograd::Function<PACTQuantize> {
     const auto &x = saved[0], &alpha = saved[1], &grad = grads[0];
     const auto levels = ctx->saved_data["levels"].toInt();
     const auto clip = alpha.abs();
-    at::Tensor grad_x, grad_alpha;
-    if (at::GradMode::is_enabled() || grad.scalar_type() != x.scalar_type() || grad.strides() != x.strides()) {
-      std::tie(grad_x, grad_alpha) = pact_backward_passes(x, alpha, clip, grad, levels);
-    } else {
-      at::Tensor product;
+    at::Tensor grad_x, grad_alpha, product;
+    if (mbq::loop_runs(x, {clip, grad})) {
       std::tie(grad_x, product) = dispatch_backward(x, clip, grad, static_cast<double>(levels));
+    }
+    if (product.defined() && mbq::in_layout_of(x, {grad_x, product})) {
       grad_alpha = product.sum().reshape(alpha.sizes()) * alpha.sgn();
+    } else {
+      std::tie(grad_x, grad_alpha) = pact_backward_passes(x, alpha, clip, grad, levels);
     }
     return {ctx->needs_input_grad(0) ? grad_x : at::Tensor(), ctx->needs_input_grad(1) ? grad_alpha : at::Tensor(),
             at::Tensor()};

@@ -34,13 +34,13 @@ namespace {
 using at::Tensor;
 using TensorList = std::vector<Tensor>;
 
-bool dense(const Tensor& t, at::ScalarType type) {
+bool contiguous_cpu(const Tensor& t, at::ScalarType type) {
   return t.scalar_type() == type && t.device().is_cpu() && t.is_contiguous();
 }
 
-bool all_dense(const TensorList& tensors, at::ScalarType type) {
+bool all_contiguous_cpu(const TensorList& tensors, at::ScalarType type) {
   for (const auto& t : tensors) {
-    if (!dense(t, type)) {
+    if (!contiguous_cpu(t, type)) {
       return false;
     }
   }
@@ -48,7 +48,7 @@ bool all_dense(const TensorList& tensors, at::ScalarType type) {
 }
 
 bool one_each(const TensorList& tensors, size_t layers, at::ScalarType type) {
-  if (tensors.size() != layers || !all_dense(tensors, type)) {
+  if (tensors.size() != layers || !all_contiguous_cpu(tensors, type)) {
     return false;
   }
   for (const auto& t : tensors) {
@@ -229,7 +229,7 @@ MBQ_TARGET_CLONES int64_t at_max_loop(const float* t, uint8_t* at_max, int64_t c
 }
 
 TensorList dorefa_weight_forward(const TensorList& units, const TensorList& scales, double levels) {
-  if (!all_dense(units, at::kFloat) || !one_each(scales, units.size(), at::kFloat)) {
+  if (!all_contiguous_cpu(units, at::kFloat) || !one_each(scales, units.size(), at::kFloat)) {
     return {};
   }
   const auto steps = static_cast<float>(levels);
@@ -251,7 +251,7 @@ TensorList dorefa_weight_forward(const TensorList& units, const TensorList& scal
 std::tuple<TensorList, TensorList> dorefa_weight_backward(const TensorList& grads, const TensorList& scales,
                                                           const TensorList& twice_max, const TensorList& factors) {
   const auto layers = grads.size();
-  if (!all_dense(grads, at::kFloat) || !all_dense(factors, at::kFloat) || !same_sizes(factors, grads) ||
+  if (!all_contiguous_cpu(grads, at::kFloat) || !all_contiguous_cpu(factors, at::kFloat) || !same_sizes(factors, grads) ||
       !one_each(scales, layers, at::kFloat) || !one_each(twice_max, layers, at::kFloat)) {
     return {};
   }
@@ -277,7 +277,7 @@ std::tuple<TensorList, TensorList> dorefa_weight_backward(const TensorList& grad
 // DoReFa's bit-width-independent terms of one weight: E = mean|w| and t = tanh(w) by ATen (its summation order, its
 // tanh), then M = max|t|, D = 2M and, in one pass, u, f, the elements at the max, their count and sgn(t)
 std::vector<Tensor> dorefa_weight_terms(const Tensor& weight) {
-  if (!dense(weight, at::kFloat) || weight.numel() == 0) {
+  if (!contiguous_cpu(weight, at::kFloat) || weight.numel() == 0) {
     return {};
   }
   auto scale = at::mean(at::abs(weight));
@@ -307,7 +307,7 @@ std::vector<Tensor> dorefa_weight_terms(const Tensor& weight) {
 // SAT's bit-width-independent terms of one weight: s = tanh(w) by ATen, M = max|s|, and in one pass w~, u, f, the
 // elements at the max, their count and sgn(s)
 std::vector<Tensor> sat_weight_terms(const Tensor& weight) {
-  if (!dense(weight, at::kFloat) || weight.numel() == 0) {
+  if (!contiguous_cpu(weight, at::kFloat) || weight.numel() == 0) {
     return {};
   }
   auto squashed = at::tanh(weight);
@@ -330,7 +330,7 @@ std::vector<Tensor> sat_weight_terms(const Tensor& weight) {
 }
 
 TensorList sat_weight_forward(const TensorList& units, double steps, bool centered) {
-  if (!all_dense(units, at::kFloat)) {
+  if (!all_contiguous_cpu(units, at::kFloat)) {
     return {};
   }
   TensorList outputs;
@@ -349,7 +349,7 @@ TensorList sat_weight_forward(const TensorList& units, double steps, bool center
 std::tuple<TensorList, TensorList> sat_weight_backward(const TensorList& grads, const TensorList& max_abs,
                                                        const TensorList& factors, double steps) {
   const auto layers = grads.size();
-  if (!all_dense(grads, at::kFloat) || !all_dense(factors, at::kFloat) || !same_sizes(factors, grads) ||
+  if (!all_contiguous_cpu(grads, at::kFloat) || !all_contiguous_cpu(factors, at::kFloat) || !same_sizes(factors, grads) ||
       !one_each(max_abs, layers, at::kFloat)) {
     return {};
   }
@@ -375,8 +375,8 @@ std::tuple<TensorList, TensorList> sat_weight_backward(const TensorList& grads, 
 TensorList tanh_max_backward(const TensorList& grad_normalized, const TensorList& grad_max, const TensorList& at_max,
                              const TensorList& ties, const TensorList& signs, const TensorList& tanh_w) {
   const auto layers = grad_normalized.size();
-  if (!all_dense(grad_normalized, at::kFloat) || !all_dense(tanh_w, at::kFloat) || !all_dense(signs, at::kFloat) ||
-      !all_dense(at_max, at::kBool) || !same_sizes(tanh_w, grad_normalized) || !same_sizes(signs, grad_normalized) ||
+  if (!all_contiguous_cpu(grad_normalized, at::kFloat) || !all_contiguous_cpu(tanh_w, at::kFloat) || !all_contiguous_cpu(signs, at::kFloat) ||
+      !all_contiguous_cpu(at_max, at::kBool) || !same_sizes(tanh_w, grad_normalized) || !same_sizes(signs, grad_normalized) ||
       !same_sizes(at_max, grad_normalized) || !one_each(grad_max, layers, at::kFloat) ||
       !one_each(ties, layers, at::kLong)) {
     return {};
