@@ -303,3 +303,22 @@ def test_sat_layers_answer_their_own_weight_precision_and_scheme_and_exported_on
     assert name == SAT_TERMS and isinstance(terms, _SATTerms) and args == (8, "centered")
     layer.stored_weights = SATStoredWeights(torch.zeros(4, 4, 3, 3, dtype=torch.long), 8, "centered")
     assert layer.batch_terms() is None
+
+
+def test_the_layer_list_is_kept_until_a_module_is_registered(monkeypatch):
+    """A network's layers are walked once, not at every training forward pass; a submodule registered anywhere
+    (here a replaced layer) makes the next pass walk them again, and the new layer's weight is batched."""
+    taken = count_taken(monkeypatch)
+    model = weight_batch.batch_weights(TwoPaths())
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    walks = []
+    real_modules = nn.Module.modules
+    monkeypatch.setattr(nn.Module, "modules", lambda self: walks.append(self) or real_modules(self))
+    model(x)
+    assert model not in walks  # the kept list served
+    model.conv_b = QuantConv2d(8, 8, 3, padding=1, weight_quantizer=dorefa_weight, bits=4)
+    taken.clear()
+    model(x)
+    assert model in walks and taken == [True, True]  # walked again; the new conv_b took its batched weight
+    assert model.conv_b in weight_batch._weight_layers(model)
