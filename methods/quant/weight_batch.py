@@ -155,7 +155,8 @@ def _weight_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _quantize_together(model: nn.Module, args) -> None:
-    if not model.training or not torch.is_grad_enabled():
+    # under torch.compile every layer computes its own (caching() says no), and dynamo would stop at the weak table
+    if not model.training or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return
     groups: dict[tuple[Hashable, tuple], tuple[list[torch.Tensor], list[WeightTerms]]] = {}
     for layer in _weight_layers(model):
