@@ -10,8 +10,9 @@ product in the input's layout, so they add in the same order. Each loop does the
 their order, so the same bits (the tests compare bit patterns).
 
 Two weight quantizers, DoReFa's and SAT's, get operators over the list of a network's layers
-(``csrc/weight_lists.cpp``, :func:`list_loop`): their terms once per step, the forward pass and the backward pass
-per bit-width, one call each where the list operations made one call per operation and layer.
+(``csrc/weight_lists.cpp``, ``csrc/sat_weight_lists.cpp``; :func:`list_loop`): their terms once per step, the
+forward pass and the backward pass per bit-width, one call each where the list operations made one call per
+operation and layer.
 
 DoReFa's activation quantizer (Zhou et al., arXiv 1606.06160, Sec. 2.3;
 :func:`methods.quant.dorefa.dorefa_activation`) runs at every quantized convolution of every bit-width of every
@@ -47,8 +48,8 @@ import torch
 
 ENVIRONMENT_SWITCH = "MBQ_NATIVE_KERNELS"
 EXTENSION_NAME = "mbqbench_native"
-SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("clamp_round_unit.cpp", "pact.cpp", "bounded.cpp", "weight_lists.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in (
+    "clamp_round_unit.cpp", "pact.cpp", "bounded.cpp", "weight_lists.cpp", "sat_weight_lists.cpp"))
 
 
 class _State:
@@ -120,8 +121,7 @@ def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, levels: int) -> torch.Te
     passes where the autograd function would take them: a recorded graph, an upstream gradient in another layout);
     None where it does not run (``x`` not a dense float32 CPU tensor or ``alpha`` not float32 on the CPU, under
     ``torch.compile``, switched off or unavailable), and the caller's autograd function then gives the same bits."""
-    if (not dense_float32_cpu(x) or alpha.dtype != torch.float32 or alpha.device.type != "cpu"
-            or torch.compiler.is_compiling() or not native_available()):
+    if not _node_runs(x, alpha):
         return None
     return torch.ops.mbqbench_native.pact_quantize(x, alpha, levels)
 
@@ -134,10 +134,16 @@ def bounded_quantize(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, 
     in ATen, elsewhere; None where it does not run (``x`` not a dense float32 CPU tensor, a bound not float32 on the
     CPU, under ``torch.compile``, switched off or unavailable), and the caller's autograd function then gives the
     same bits."""
-    if (not dense_float32_cpu(x) or any(b.dtype != torch.float32 or b.device.type != "cpu" for b in (lower, upper))
-            or torch.compiler.is_compiling() or not native_available()):
+    if not _node_runs(x, lower, upper):
         return None
     return torch.ops.mbqbench_native.bounded_quantize(x, lower, upper, levels, forward_min, backward_min)
+
+
+def _node_runs(x: torch.Tensor, *parameters: torch.Tensor) -> bool:
+    """Where an operator with a C++ autograd node takes the place of its Python function: ``x`` a dense float32 CPU
+    tensor, its parameters float32 on the CPU, outside ``torch.compile``, the operators on and built."""
+    return (dense_float32_cpu(x) and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in parameters)
+            and not torch.compiler.is_compiling() and native_available())
 
 
 def dense_float32_cpu(x: torch.Tensor) -> bool:
@@ -154,10 +160,10 @@ def loop(name: str, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
     return getattr(torch.ops.mbqbench_native, name)(*args)
 
 
-
 def list_loop(name: str, *args) -> list[torch.Tensor] | tuple[list[torch.Tensor], ...] | None:
-    """The ``mbqbench_native`` operator ``name`` over a list of layers' weights (DoReFa's weight quantizer and the
-    tanh-and-max backward it shares with SAT's; ``csrc/weight_lists.cpp``) on ``args``, or None where it does not
+    """The ``mbqbench_native`` operator ``name`` over a list of layers' weights (DoReFa's and SAT's weight
+    quantizers and the tanh-and-max backward they share; ``csrc/weight_lists.cpp``, ``csrc/sat_weight_lists.cpp``)
+    on ``args``, or None where it does not
     run: switched off or unavailable, under ``torch.compile``, while autograd records a graph (a double backward),
     or where an input is not a contiguous float32 CPU tensor (the operator then answers an empty list). The caller's
     list operations, which give the same bits, run instead."""

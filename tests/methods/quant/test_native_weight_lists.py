@@ -1,8 +1,9 @@
-"""The native weight-list operators (methods/quant/csrc/weight_lists.cpp, through methods.quant.native.list_loop)
-against the PyTorch list operations they replace, bit for bit: DoReFa's weight quantizer (Zhou et al. 2016, Eq. 9 in
-Any-Precision's form: E (2 round(L (tanh(w) / 2 max|tanh(w)| + 1/2)) / L - 1)) and SAT's (AdaBits:
-2 min(floor(2^b (w~ + 1) / 2), 2^b - 1) / 2^b - 1, w~ = tanh(w) / max|tanh(w)|), their bit-width-independent terms,
-forward values and gradients, on weights with ties at the max, signed zeros, NaN, infinities and an all-zero layer."""
+"""The native weight-list operators (methods/quant/csrc/weight_lists.cpp and sat_weight_lists.cpp, through
+methods.quant.native.list_loop) against the PyTorch list operations they replace, bit for bit: DoReFa's weight
+quantizer (Zhou et al. 2016, Eq. 9 in Any-Precision's form: E (2 round(L (tanh(w) / 2 max|tanh(w)| + 1/2)) / L - 1))
+and SAT's (AdaBits: 2 min(floor(2^b (w~ + 1) / 2), 2^b - 1) / 2^b - 1, w~ = tanh(w) / max|tanh(w)|), their
+bit-width-independent terms, forward values and gradients, on weights with ties at the max, signed zeros, NaN,
+infinities and an all-zero layer."""
 
 import pytest
 import torch
