@@ -21,7 +21,10 @@ The forward pass and, with plain STE, the backward's elementwise part each run a
 the same bits: native C++ (:mod:`methods.quant.native`, from 131K elements), else compiled
 (:mod:`methods.quant.kernels`, from 1M). With plain STE on dense float32 CPU inputs the whole quantizer is a native
 operator with a C++ autograd node (the same loops, and :class:`_BoundedQuantize`'s eager passes written out in ATen
-where the loops do not run), so no Python runs per call; elsewhere :class:`_BoundedQuantize`.
+where the loops do not run), so no Python runs per call; elsewhere :class:`_BoundedQuantize`. Where the node's
+forward loop runs it keeps ``x`` instead of ``x_n`` for the backward pass and computes ``x_n`` from it again there
+with the same float operations: the forward pass writes ``x_q`` alone, and no ``x_n`` the size of ``x`` waits for
+the backward pass.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ backward (``csrc/``): DoReFa's activation (below), PACT's (AdaBits; :mod:`method
 quantizer (:mod:`methods.quant.bounded`). PACT's and the bounded quantizer's loops run inside their Python autograd
 functions, through the kernels of :mod:`methods.quant.kernels` (:func:`loop`), which try them before the compiled
 forms, and inside C++ autograd nodes (:func:`pact_quantize`, :func:`bounded_quantize`), which take the place of the
-Python functions where they can. The sums that give a clipping level's or a bound's gradient stay ATen's, over a
-product in the input's layout, so they add in the same order. Each loop does the eager passes' IEEE operations in
-their order, so the same bits (the tests compare bit patterns).
+Python functions where they can (the bounded quantizer's node keeps ``x`` and takes ``n`` from it again in its
+backward pass, so its forward loop writes ``q`` alone). The sums that give a clipping level's or a bound's gradient
+stay ATen's, over a product in the input's layout, so they add in the same order. Each loop does the eager passes'
+IEEE operations in their order, so the same bits (the tests compare bit patterns).
 
 Two weight quantizers, DoReFa's and SAT's, get operators over the list of a network's layers
 (``csrc/weight_lists.cpp``, ``csrc/sat_weight_lists.cpp``; :func:`list_loop`): their terms once per step, the

@@ -3,9 +3,12 @@
 // C++ autograd node (bounded_quantize, below) that runs them, or methods/quant/bounded.py's eager passes written out
 // in ATen where the loops do not run, so that no Python runs in either pass; the bounds broadcast against x (one
 // pair per channel or per branch):
-//   forward   n = (x - l) * g_inv  (kept for the backward pass),  q = round(L clamp(n, 0, 1)) / L
+//   forward   n = (x - l) * g_inv,  q = round(L clamp(n, 0, 1)) / L
 //   backward  g_n = (n <= below or n >= above) ? 0 : g * g_inv  (hardtanh_backward on bounds one step outside
 //             [0, 1]), and g_n * n, which the caller sums into the bounds' gradients with ATen's sums.
+// The node's loops keep x for the backward pass and take n from it again there (the same float operations, so the
+// same n): the forward pass then writes q alone, and no n the size of x waits for the backward pass. The loops that
+// write n serve methods/quant/kernels.py's run_like inside the Python autograd function (EWGS scaling takes it).
 // Same bits as the eager passes: the same IEEE operations in their order (clamp letting NaN through and keeping
 // -0.0, round half to even), built with -ffp-contract=off and without -ffast-math; a NaN n is the one case where
 // the eager mask's value depends on the element's position (its vector and scalar loops differ), so there the bits
@@ -98,6 +101,67 @@ MBQ_TARGET_CLONES void bounded_backward_block(char** base, const int64_t* stride
   }
 }
 
+// The node's loops: q alone forward; n again from x backward. Operands: 0 q (output), 1 x, 2 lower, 3 inverse gap.
+MBQ_TARGET_CLONES void bounded_quantized_block(char** base, const int64_t* strides, int64_t count, int64_t rows,
+                                               float levels) {
+  char* data[4] = {base[0], base[1], base[2], base[3]};
+  const bool scalar_bounds = strides[0] == kFloat && strides[1] == kFloat && strides[2] == 0 && strides[3] == 0;
+  float normalized;  // not kept
+  for (int64_t row = 0; row < rows; ++row) {
+    if (scalar_bounds) {
+      const auto* x = reinterpret_cast<const float*>(data[1]);
+      auto* quantized = reinterpret_cast<float*>(data[0]);
+      const float lower = *reinterpret_cast<const float*>(data[2]);
+      const float inverse_gap = *reinterpret_cast<const float*>(data[3]);
+      for (int64_t i = 0; i < count; ++i) {
+        const float n = (x[i] - lower) * inverse_gap;
+        quantized[i] = std::rint(mbq::aten_clamp(n, 0.0f, 1.0f) * levels) / levels;
+      }
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        bounded_values(*at_stride<float>(data[1], strides[1], i), *at_stride<float>(data[2], strides[2], i),
+                       *at_stride<float>(data[3], strides[3], i), levels, &normalized,
+                       at_stride<float>(data[0], strides[0], i));
+      }
+    }
+    for (int t = 0; t < 4; ++t) {
+      data[t] += strides[4 + t];
+    }
+  }
+}
+
+// Operands: 0 gradient at n, 1 its product with n (outputs), 2 x, 3 lower, 4 inverse gap, 5 upstream gradient.
+MBQ_TARGET_CLONES void bounded_backward_from_input_block(char** base, const int64_t* strides, int64_t count,
+                                                         int64_t rows, float below, float above) {
+  char* data[6] = {base[0], base[1], base[2], base[3], base[4], base[5]};
+  const bool scalar_bounds = strides[0] == kFloat && strides[1] == kFloat && strides[2] == kFloat &&
+                             strides[3] == 0 && strides[4] == 0 && strides[5] == kFloat;
+  for (int64_t row = 0; row < rows; ++row) {
+    if (scalar_bounds) {
+      const auto* x = reinterpret_cast<const float*>(data[2]);
+      const auto* grad = reinterpret_cast<const float*>(data[5]);
+      auto* grad_n = reinterpret_cast<float*>(data[0]);
+      auto* product = reinterpret_cast<float*>(data[1]);
+      const float lower = *reinterpret_cast<const float*>(data[3]);
+      const float inverse_gap = *reinterpret_cast<const float*>(data[4]);
+      for (int64_t i = 0; i < count; ++i) {
+        bounded_gradients((x[i] - lower) * inverse_gap, inverse_gap, grad[i], below, above, grad_n + i, product + i);
+      }
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        const float inverse_gap = *at_stride<float>(data[4], strides[4], i);
+        const float n = (*at_stride<float>(data[2], strides[2], i) - *at_stride<float>(data[3], strides[3], i)) *
+                        inverse_gap;
+        bounded_gradients(n, inverse_gap, *at_stride<float>(data[5], strides[5], i), below, above,
+                          at_stride<float>(data[0], strides[0], i), at_stride<float>(data[1], strides[1], i));
+      }
+    }
+    for (int t = 0; t < 6; ++t) {
+      data[t] += strides[6 + t];
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> bounded_forward(const at::Tensor& x, const at::Tensor& lower,
                                                    const at::Tensor& inverse_gap, double levels) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && lower.scalar_type() == at::kFloat &&
@@ -125,57 +189,107 @@ std::tuple<at::Tensor, at::Tensor> bounded_backward(const at::Tensor& normalized
   return {outputs[0], outputs[1]};
 }
 
+at::Tensor bounded_quantized(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& inverse_gap,
+                             double levels) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && lower.scalar_type() == at::kFloat &&
+                  inverse_gap.scalar_type() == at::kFloat,
+              "bounded_quantized: expected float32 tensors");
+  const auto scale = static_cast<float>(levels);
+  return mbq::elementwise({x, lower, inverse_gap}, 1,
+                          [scale](char** data, const int64_t* strides, int64_t count, int64_t rows) {
+                            bounded_quantized_block(data, strides, count, rows, scale);
+                          })[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> bounded_backward_from_input(const at::Tensor& x, const at::Tensor& lower,
+                                                               const at::Tensor& inverse_gap, const at::Tensor& grad,
+                                                               double below, double above) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && lower.scalar_type() == at::kFloat &&
+                  inverse_gap.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat,
+              "bounded_backward_from_input: expected float32 tensors");
+  const auto low = static_cast<float>(below);
+  const auto high = static_cast<float>(above);
+  auto outputs = mbq::elementwise({x, lower, inverse_gap, grad}, 2,
+                                  [low, high](char** data, const int64_t* strides, int64_t count, int64_t rows) {
+                                    bounded_backward_from_input_block(data, strides, count, rows, low, high);
+                                  });
+  return {outputs[0], outputs[1]};
+}
+
 // bounded.py's MIN_BOUND_GAP, and the bounds of its inclusive mask: one float32 step outside [0, 1]
 constexpr double kMinBoundGap = 1e-8;
 constexpr double kBelow = -static_cast<double>(std::numeric_limits<float>::min());
 constexpr double kAbove = 1.0 + static_cast<double>(std::numeric_limits<float>::epsilon());
 
-// The loops through the dispatcher, so that a profile names them inside the node's passes
-std::tuple<at::Tensor, at::Tensor> dispatch_forward(const at::Tensor& x, const at::Tensor& lower,
-                                                    const at::Tensor& inverse_gap, double levels) {
-  static const auto op = mbq::operator_handle<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>("mbqbench_native::bounded_forward");
+// The node's loops through the dispatcher, so that a profile names them inside its passes
+at::Tensor dispatch_quantized(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& inverse_gap,
+                              double levels) {
+  static const auto op = mbq::operator_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                         double)>("mbqbench_native::bounded_quantized");
   return op.call(x, lower, inverse_gap, levels);
 }
 
-std::tuple<at::Tensor, at::Tensor> dispatch_backward(const at::Tensor& normalized, const at::Tensor& inverse_gap,
-                                                     const at::Tensor& grad, double below, double above) {
+std::tuple<at::Tensor, at::Tensor> dispatch_backward_from_input(const at::Tensor& x, const at::Tensor& lower,
+                                                                const at::Tensor& inverse_gap, const at::Tensor& grad,
+                                                                double below, double above) {
   static const auto op = mbq::operator_handle<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>("mbqbench_native::bounded_backward");
-  return op.call(normalized, inverse_gap, grad, below, above);
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>(
+      "mbqbench_native::bounded_backward_from_input");
+  return op.call(x, lower, inverse_gap, grad, below, above);
 }
 
-// (n, q, 1 / (u - l)): the loop where it runs, bounded.py's eager passes elsewhere
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bounded_values_of(const at::Tensor& x, const at::Tensor& lower,
-                                                                 const at::Tensor& upper, int64_t levels,
-                                                                 int64_t forward_min) {
-  // 1.0 / t in Python is t.reciprocal() * 1.0
-  const auto inverse_gap = at::reciprocal((upper - lower).clamp_min(kMinBoundGap)) * 1.0;
+// 1 / (u - l); 1.0 / t in Python is t.reciprocal() * 1.0
+at::Tensor inverse_gap_of(const at::Tensor& lower, const at::Tensor& upper) {
+  return at::reciprocal((upper - lower).clamp_min(kMinBoundGap)) * 1.0;
+}
+
+// bounded.py's eager n, the bits the loops compute
+at::Tensor normalized_of(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& inverse_gap) {
+  return (x - lower).mul_(inverse_gap);
+}
+
+// q from the loop, or an undefined tensor where it does not run or would write another layout
+at::Tensor quantized_by_loop(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& inverse_gap,
+                             int64_t levels, int64_t forward_min) {
   if (mbq::loop_runs(x, {lower, inverse_gap}, forward_min)) {
-    auto [normalized, quantized] = dispatch_forward(x, lower, inverse_gap, static_cast<double>(levels));
-    if (mbq::in_layout_of(x, {normalized, quantized})) {
-      return {normalized, quantized, inverse_gap};
+    auto quantized = dispatch_quantized(x, lower, inverse_gap, static_cast<double>(levels));
+    if (mbq::in_layout_of(x, {quantized})) {
+      return quantized;
     }
   }
-  auto normalized = (x - lower).mul_(inverse_gap);
-  auto quantized = normalized.clamp(0.0, 1.0).mul_(levels).round_().div_(levels);
-  return {normalized, quantized, inverse_gap};
+  return at::Tensor();
+}
+
+at::Tensor quantized_of(const at::Tensor& normalized, int64_t levels) {
+  return normalized.clamp(0.0, 1.0).mul_(levels).round_().div_(levels);
 }
 
 // q below autograd (evaluation, inference mode)
 at::Tensor bounded_quantize_cpu(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper, int64_t levels,
                                 int64_t forward_min, int64_t /*backward_min*/) {
-  return std::get<1>(bounded_values_of(x, lower, upper, levels, forward_min));
+  const auto inverse_gap = inverse_gap_of(lower, upper);
+  auto quantized = quantized_by_loop(x, lower, inverse_gap, levels, forward_min);
+  return quantized.defined() ? quantized : quantized_of(normalized_of(x, lower, inverse_gap), levels);
 }
 
-// bounded.py's _BoundedQuantize in C++ (plain STE): the loops where they run, its eager passes elsewhere
+// bounded.py's _BoundedQuantize in C++ (plain STE): the loops where they run, its eager passes elsewhere. Where the
+// forward loop ran, x is saved and the backward pass takes n from it again (in its loop, or in the eager pass).
 class BoundedQuantize : public torch::autograd::Function<BoundedQuantize> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& lower,
                             const at::Tensor& upper, int64_t levels, int64_t forward_min, int64_t backward_min) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [normalized, quantized, inverse_gap] = bounded_values_of(x, lower, upper, levels, forward_min);
-    ctx->save_for_backward({normalized, lower, upper, inverse_gap});
+    const auto inverse_gap = inverse_gap_of(lower, upper);
+    auto quantized = quantized_by_loop(x, lower, inverse_gap, levels, forward_min);
+    const bool saved_input = quantized.defined();
+    if (saved_input) {
+      ctx->save_for_backward({x, lower, upper, inverse_gap});
+    } else {
+      const auto normalized = normalized_of(x, lower, inverse_gap);
+      quantized = quantized_of(normalized, levels);
+      ctx->save_for_backward({normalized, lower, upper, inverse_gap});
+    }
+    ctx->saved_data["saved_input"] = saved_input;
     ctx->saved_data["backward_min"] = backward_min;
     return quantized;
   }
@@ -183,18 +297,28 @@ class BoundedQuantize : public torch::autograd::Function<BoundedQuantize> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &normalized = saved[0], &lower = saved[1], &upper = saved[2], &inverse_gap = saved[3];
+    const auto &lower = saved[1], &upper = saved[2], &inverse_gap = saved[3];
     const auto& grad = grads[0];
-    at::Tensor grad_normalized, product;
-    if (mbq::loop_runs(normalized, {inverse_gap, grad}, ctx->saved_data["backward_min"].toInt())) {
-      std::tie(grad_normalized, product) = dispatch_backward(normalized, inverse_gap, grad, kBelow, kAbove);
-      if (!mbq::in_layout_of(normalized, {grad_normalized, product})) {
-        grad_normalized = product = at::Tensor();
+    at::Tensor normalized, grad_normalized, product;
+    if (ctx->saved_data["saved_input"].toBool()) {
+      const auto& x = saved[0];
+      if (mbq::loop_runs(x, {lower, inverse_gap, grad}, ctx->saved_data["backward_min"].toInt())) {
+        std::tie(grad_normalized, product) =
+            dispatch_backward_from_input(x, lower, inverse_gap, grad, kBelow, kAbove);
+        if (!mbq::in_layout_of(x, {grad_normalized, product})) {
+          grad_normalized = product = at::Tensor();
+        }
       }
+      if (!grad_normalized.defined()) {
+        normalized = normalized_of(x, lower, inverse_gap);
+      }
+    } else {
+      normalized = saved[0];
     }
     if (!grad_normalized.defined()) {  // inclusive_unit_mask_backward, in n's layout
       grad_normalized = at::empty_like(normalized);
       at::hardtanh_backward_out(grad_normalized, grad * inverse_gap, normalized, kBelow, kAbove);
+      product = at::Tensor();
     }
     at::Tensor grad_lower, grad_upper;
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
@@ -225,6 +349,10 @@ TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
   m.def("bounded_backward(Tensor normalized, Tensor inverse_gap, Tensor grad, float below, float above) -> "
         "(Tensor, Tensor)");
   // the loops from forward_min and backward_min elements (kernels.py's native_min_elements of each)
+  // the node's loops: q alone, and the backward pass from x
+  m.def("bounded_quantized(Tensor x, Tensor lower, Tensor inverse_gap, float levels) -> Tensor");
+  m.def("bounded_backward_from_input(Tensor x, Tensor lower, Tensor inverse_gap, Tensor grad, float below, "
+        "float above) -> (Tensor, Tensor)");
   m.def("bounded_quantize(Tensor x, Tensor lower, Tensor upper, int levels, int forward_min, int backward_min) -> "
         "Tensor");
 }
@@ -232,6 +360,8 @@ TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
 TORCH_LIBRARY_IMPL(mbqbench_native, CPU, m) {
   m.impl("bounded_forward", &bounded_forward);
   m.impl("bounded_backward", &bounded_backward);
+  m.impl("bounded_quantized", &bounded_quantized);
+  m.impl("bounded_backward_from_input", &bounded_backward_from_input);
   m.impl("bounded_quantize", &bounded_quantize_cpu);
 }
 

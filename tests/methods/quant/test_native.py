@@ -306,9 +306,9 @@ def test_bounded_forward_and_gradients_bits_equal_the_eager_passes(bits, memory_
         x, upstream = (t.contiguous(memory_format=torch.channels_last) for t in (x, upstream))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         native_results = bounded_results(x, lower, upper, upstream, bits, enabled=True)
-    names = {event.name for event in prof.events()}  # the node ran both loops
-    assert {"mbqbench_native::bounded_quantize", "mbqbench_native::bounded_forward",
-            "mbqbench_native::bounded_backward"} <= names
+    names = {event.name for event in prof.events()}  # the node ran both of its loops
+    assert {"mbqbench_native::bounded_quantize", "mbqbench_native::bounded_quantized",
+            "mbqbench_native::bounded_backward_from_input"} <= names
     eager_results = bounded_results(x, lower, upper, upstream, bits, enabled=False)
     for a, b in zip(native_results, eager_results):
         assert a.stride() == b.stride()
@@ -335,6 +335,50 @@ def test_bounded_weight_layout_and_fallbacks(monkeypatch):
                 out.backward(upstream)
             results.append([out, *(leaf.grad for leaf in leaves)])
         assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_bounded_backward_from_the_kept_input_when_its_loop_declines(bits, monkeypatch):
+    """The forward loop ran, so the node kept x, not n; a backward pass that does not take its loop (below its size
+    threshold) takes n from x again in the eager pass: every result keeps the eager bits."""
+    monkeypatch.setattr(kernels.bounded_forward, "native_min_elements", 1)
+    monkeypatch.setattr(kernels.bounded_backward, "native_min_elements", 10**9)
+    generator = torch.Generator().manual_seed(bits)
+    x = torch.randn(4, 8, 5, 5, generator=generator) * 2
+    lower, upper = torch.full((1, 8, 1, 1), -0.6), torch.linspace(0.2, 1.5, 8).view(1, 8, 1, 1)
+    upstream = torch.randn(4, 8, 5, 5, generator=generator)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        native_results = bounded_results(x, lower, upper, upstream, bits, enabled=True)
+    names = {event.name for event in prof.events()}
+    assert "mbqbench_native::bounded_quantized" in names
+    assert "mbqbench_native::bounded_backward_from_input" not in names
+    eager_results = bounded_results(x, lower, upper, upstream, bits, enabled=False)
+    for a, b in zip(native_results, eager_results):
+        assert torch.equal(bits_of(a), bits_of(b))
+
+
+def test_bounded_node_keeps_its_input_instead_of_a_normalized_copy(monkeypatch):
+    """Where the forward loop runs, the only tensor of x's size the node keeps for the backward pass is x itself
+    (n is taken from it again); the eager passes keep a fresh n."""
+    bounded_loops_at_every_size(monkeypatch)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    lower = torch.full((1, 4, 1, 1), -0.5, requires_grad=True)
+    upper = torch.full((1, 4, 1, 1), 0.7, requires_grad=True)
+
+    def kept_full_size(enabled: bool) -> list[bool]:
+        kept = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.shape == x.shape:
+                kept.append(t.data_ptr() == x.data_ptr())
+            return t
+
+        with native_kernels(enabled), fused_kernels(False), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            bounded_quantize(x, lower, upper, 4).sum().backward()
+        return kept
+
+    assert kept_full_size(True) == [True]
+    assert kept_full_size(False) == [False]
 
 
 def test_bounded_runs_the_native_node_where_its_autograd_function_would_run():
