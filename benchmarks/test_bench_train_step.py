@@ -7,8 +7,9 @@ re-timed before and after the method in the same test, the faster median kept, s
 test order). ``interleaved_ratio`` in ``extra_info`` is the steadier figure on a machine whose speed drifts: the
 median over rounds of one method step over k full-precision steps timed just before it.
 
-``test_method_step_parts`` times the DoReFa methods' step with their weight and/or input quantizers replaced by
-the identity: how much of the step each part costs (select with ``-k parts``).
+``test_method_step_parts`` times each method's step with its weight and/or input quantizers replaced by the identity
+(``quantizer_parts.py``): how much of the step each part costs, and the floor without them (select with
+``-k parts``).
 
 ``test_method_step_compiled`` is the same step with both networks compiled as ``--compile`` compiles them
 (``Runtime.prepare_model``: fresh dynamo caches per network), its ratio taken against a compiled full-precision
@@ -106,36 +107,25 @@ def _benchmark_method_step(benchmark, name: str, size: str, compiled: bool, prep
         benchmark.extra_info["interleaved_ratio"] = interleaved_ratio(step, data, compiled=compiled)
 
 
-def _identity_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    return weight
-
-
-def _identity_input(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return x
-
-
 QUANTIZER_PARTS = {"without weight quantizers": ("weight",), "without input quantizers": ("input",),
                    "without either": ("weight", "input")}
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 @pytest.mark.parametrize("parts", sorted(QUANTIZER_PARTS))
-@pytest.mark.parametrize("name", ["anyprecision", "dedicated", "emq"])
+@pytest.mark.parametrize("name", list_methods())
 def test_method_step_parts(benchmark, name, parts, size):
-    """Where a DoReFa method's step time goes: the same step with the weight quantizers, the input quantizers or
-    both replaced by the identity in every quantized convolution (switchable BN, distillation and the harness stay).
-    A diagnostic, not a method: its ratio is the floor the quantizers' removal would reach."""
-    from methods.quant.modules import QuantConv2d
+    """Where a method's step time goes: the same step with the weight quantizers, the input quantizers or both
+    replaced by the identity in every quantized layer (``quantizer_parts.remove_quantizers``; switchable BN,
+    MBQuant's branches, distillation and the harness stay). A diagnostic, not a method: its ratio is the floor the
+    quantizers' removal would reach."""
+    from quantizer_parts import remove_quantizers
 
-    def remove_quantizers(model):
-        for layer in model.modules():
-            if isinstance(layer, QuantConv2d):
-                if "weight" in QUANTIZER_PARTS[parts] and layer.weight_quantizer is not None:
-                    layer.weight_quantizer = _identity_weight
-                if "input" in QUANTIZER_PARTS[parts] and layer.input_quantizer is not None:
-                    layer.input_quantizer = _identity_input
+    def prepare(model):
+        if not remove_quantizers(model, QUANTIZER_PARTS[parts]):
+            pytest.skip(f"{name} has no quantizers")
 
-    _benchmark_method_step(benchmark, name, size, compiled=False, prepare=remove_quantizers)
+    _benchmark_method_step(benchmark, name, size, compiled=False, prepare=prepare)
 
 
 def interleaved_ratio(method_step, data: Batch, rounds: int = 7, compiled: bool = False) -> float:
