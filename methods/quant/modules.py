@@ -25,6 +25,7 @@ from torch import nn
 
 from harness.errors import ConfigError, MbqError
 from harness.export import Codes, assign_tensors
+from methods.quant.module_lists import modules_where
 from methods.quant.weight_cache import cached_in_eval
 
 WeightQuantizer = Callable[[torch.Tensor, int], torch.Tensor]
@@ -284,10 +285,14 @@ class SwitchableBatchNorm2d(PerBitNormExport, BitSwitchable, nn.Module):
 
 
 def set_model_bits(model: nn.Module, bits: int) -> None:
-    """Switch every bit-switchable layer of ``model`` to ``bits``."""
-    for module in model.modules():
-        if isinstance(module, BitSwitchable):
-            module.set_bits(bits)
+    """Switch every bit-switchable layer of ``model`` to ``bits`` (the layers listed once while the network's
+    modules stay as they are: :mod:`methods.quant.module_lists`)."""
+    for module in modules_where(model, "bit_switchable", _is_bit_switchable):
+        module.set_bits(bits)
+
+
+def _is_bit_switchable(module: nn.Module) -> bool:
+    return isinstance(module, BitSwitchable)
 
 
 ModuleSwap = Callable[[nn.Module], nn.Module | None]
