@@ -50,7 +50,8 @@ import torch
 ENVIRONMENT_SWITCH = "MBQ_NATIVE_KERNELS"
 EXTENSION_NAME = "mbqbench_native"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in (
-    "clamp_round_unit.cpp", "pact.cpp", "bounded.cpp", "weight_lists.cpp", "sat_weight_lists.cpp"))
+    "clamp_round_unit.cpp", "pact.cpp", "bounded.cpp", "bounded_node.cpp", "weight_lists.cpp",
+    "sat_weight_lists.cpp"))
 
 
 class _State:

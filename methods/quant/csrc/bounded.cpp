@@ -1,22 +1,18 @@
-// MBQuant's bounded quantizer (Zhong et al., arXiv 2305.08117, Sec. 3.2, in EWGS's form with plain STE) as two CPU
-// loops, each one pass over memory where eager PyTorch makes five forward and three backward, and an operator with a
-// C++ autograd node (bounded_quantize, below) that runs them, or methods/quant/bounded.py's eager passes written out
-// in ATen where the loops do not run, so that no Python runs in either pass; the bounds broadcast against x (one
-// pair per channel or per branch):
+// MBQuant's bounded quantizer (Zhong et al., arXiv 2305.08117, Sec. 3.2, in EWGS's form with plain STE) as CPU loops,
+// each one pass over memory where eager PyTorch makes five forward and three backward; the bounds broadcast against
+// x (one pair per channel or per branch):
 //   forward   n = (x - l) * g_inv,  q = round(L clamp(n, 0, 1)) / L
 //   backward  g_n = (n <= below or n >= above) ? 0 : g * g_inv  (hardtanh_backward on bounds one step outside
 //             [0, 1]), and g_n * n, which the caller sums into the bounds' gradients with ATen's sums.
-// The node's loops keep x for the backward pass and take n from it again there (the same float operations, so the
-// same n): the forward pass then writes q alone, and no n the size of x waits for the backward pass. The loops that
-// write n serve methods/quant/kernels.py's run_like inside the Python autograd function (EWGS scaling takes it).
+// bounded_forward / bounded_backward write and read n: methods/quant/kernels.py's run_like calls them inside the
+// Python autograd function (EWGS scaling takes it). bounded_quantized / bounded_backward_from_input are the C++
+// node's (bounded_node.cpp): they write q alone and take n from x again, with the same float operations.
 // Same bits as the eager passes: the same IEEE operations in their order (clamp letting NaN through and keeping
 // -0.0, round half to even), built with -ffp-contract=off and without -ffast-math; a NaN n is the one case where
 // the eager mask's value depends on the element's position (its vector and scalar loops differ), so there the bits
 // may differ.
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <tuple>
 
 #include "native_loops.h"
@@ -216,131 +212,6 @@ std::tuple<at::Tensor, at::Tensor> bounded_backward_from_input(const at::Tensor&
   return {outputs[0], outputs[1]};
 }
 
-// bounded.py's MIN_BOUND_GAP, and the bounds of its inclusive mask: one float32 step outside [0, 1]
-constexpr double kMinBoundGap = 1e-8;
-constexpr double kBelow = -static_cast<double>(std::numeric_limits<float>::min());
-constexpr double kAbove = 1.0 + static_cast<double>(std::numeric_limits<float>::epsilon());
-
-// The node's loops through the dispatcher, so that a profile names them inside its passes
-at::Tensor dispatch_quantized(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& inverse_gap,
-                              double levels) {
-  static const auto op = mbq::operator_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                         double)>("mbqbench_native::bounded_quantized");
-  return op.call(x, lower, inverse_gap, levels);
-}
-
-std::tuple<at::Tensor, at::Tensor> dispatch_backward_from_input(const at::Tensor& x, const at::Tensor& lower,
-                                                                const at::Tensor& inverse_gap, const at::Tensor& grad,
-                                                                double below, double above) {
-  static const auto op = mbq::operator_handle<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double)>(
-      "mbqbench_native::bounded_backward_from_input");
-  return op.call(x, lower, inverse_gap, grad, below, above);
-}
-
-// 1 / (u - l); 1.0 / t in Python is t.reciprocal() * 1.0
-at::Tensor inverse_gap_of(const at::Tensor& lower, const at::Tensor& upper) {
-  return at::reciprocal((upper - lower).clamp_min(kMinBoundGap)) * 1.0;
-}
-
-// bounded.py's eager n, the bits the loops compute
-at::Tensor normalized_of(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& inverse_gap) {
-  return (x - lower).mul_(inverse_gap);
-}
-
-// q from the loop, or an undefined tensor where it does not run or would write another layout
-at::Tensor quantized_by_loop(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& inverse_gap,
-                             int64_t levels, int64_t forward_min) {
-  if (mbq::loop_runs(x, {lower, inverse_gap}, forward_min)) {
-    auto quantized = dispatch_quantized(x, lower, inverse_gap, static_cast<double>(levels));
-    if (mbq::in_layout_of(x, {quantized})) {
-      return quantized;
-    }
-  }
-  return at::Tensor();
-}
-
-at::Tensor quantized_of(const at::Tensor& normalized, int64_t levels) {
-  return normalized.clamp(0.0, 1.0).mul_(levels).round_().div_(levels);
-}
-
-// q below autograd (evaluation, inference mode)
-at::Tensor bounded_quantize_cpu(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper, int64_t levels,
-                                int64_t forward_min, int64_t /*backward_min*/) {
-  const auto inverse_gap = inverse_gap_of(lower, upper);
-  auto quantized = quantized_by_loop(x, lower, inverse_gap, levels, forward_min);
-  return quantized.defined() ? quantized : quantized_of(normalized_of(x, lower, inverse_gap), levels);
-}
-
-// bounded.py's _BoundedQuantize in C++ (plain STE): the loops where they run, its eager passes elsewhere. Where the
-// forward loop ran, x is saved and the backward pass takes n from it again (in its loop, or in the eager pass).
-class BoundedQuantize : public torch::autograd::Function<BoundedQuantize> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& lower,
-                            const at::Tensor& upper, int64_t levels, int64_t forward_min, int64_t backward_min) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    const auto inverse_gap = inverse_gap_of(lower, upper);
-    auto quantized = quantized_by_loop(x, lower, inverse_gap, levels, forward_min);
-    const bool saved_input = quantized.defined();
-    if (saved_input) {
-      ctx->save_for_backward({x, lower, upper, inverse_gap});
-    } else {
-      const auto normalized = normalized_of(x, lower, inverse_gap);
-      quantized = quantized_of(normalized, levels);
-      ctx->save_for_backward({normalized, lower, upper, inverse_gap});
-    }
-    ctx->saved_data["saved_input"] = saved_input;
-    ctx->saved_data["backward_min"] = backward_min;
-    return quantized;
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto &lower = saved[1], &upper = saved[2], &inverse_gap = saved[3];
-    const auto& grad = grads[0];
-    at::Tensor normalized, grad_normalized, product;
-    if (ctx->saved_data["saved_input"].toBool()) {
-      const auto& x = saved[0];
-      if (mbq::loop_runs(x, {lower, inverse_gap, grad}, ctx->saved_data["backward_min"].toInt())) {
-        std::tie(grad_normalized, product) =
-            dispatch_backward_from_input(x, lower, inverse_gap, grad, kBelow, kAbove);
-        if (!mbq::in_layout_of(x, {grad_normalized, product})) {
-          grad_normalized = product = at::Tensor();
-        }
-      }
-      if (!grad_normalized.defined()) {
-        normalized = normalized_of(x, lower, inverse_gap);
-      }
-    } else {
-      normalized = saved[0];
-    }
-    if (!grad_normalized.defined()) {  // inclusive_unit_mask_backward, in n's layout
-      grad_normalized = at::empty_like(normalized);
-      at::hardtanh_backward_out(grad_normalized, grad * inverse_gap, normalized, kBelow, kAbove);
-      product = at::Tensor();
-    }
-    at::Tensor grad_lower, grad_upper;
-    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-      // dn/dl = (n - 1) / (u - l) and dn/du = -n / (u - l); the n-terms vanish where the gap is clamped
-      const auto gap = upper - lower;
-      if (!product.defined()) {
-        product = grad_normalized * normalized;
-      }
-      const auto weighted = product.sum_to_size(gap.sizes()) * (gap >= kMinBoundGap);
-      grad_lower = (weighted - grad_normalized.sum_to_size(gap.sizes())).sum_to_size(lower.sizes());
-      grad_upper = (-weighted).sum_to_size(upper.sizes());
-    }
-    return {ctx->needs_input_grad(0) ? grad_normalized : at::Tensor(), grad_lower, grad_upper, at::Tensor(),
-            at::Tensor(), at::Tensor()};
-  }
-};
-
-at::Tensor bounded_quantize_autograd(const at::Tensor& x, const at::Tensor& lower, const at::Tensor& upper,
-                                     int64_t levels, int64_t forward_min, int64_t backward_min) {
-  return BoundedQuantize::apply(x, lower, upper, levels, forward_min, backward_min);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
@@ -348,13 +219,10 @@ TORCH_LIBRARY_FRAGMENT(mbqbench_native, m) {
   m.def("bounded_forward(Tensor x, Tensor lower, Tensor inverse_gap, float levels) -> (Tensor, Tensor)");
   m.def("bounded_backward(Tensor normalized, Tensor inverse_gap, Tensor grad, float below, float above) -> "
         "(Tensor, Tensor)");
-  // the loops from forward_min and backward_min elements (kernels.py's native_min_elements of each)
-  // the node's loops: q alone, and the backward pass from x
+  // the node's: q alone, and the backward pass from x
   m.def("bounded_quantized(Tensor x, Tensor lower, Tensor inverse_gap, float levels) -> Tensor");
   m.def("bounded_backward_from_input(Tensor x, Tensor lower, Tensor inverse_gap, Tensor grad, float below, "
         "float above) -> (Tensor, Tensor)");
-  m.def("bounded_quantize(Tensor x, Tensor lower, Tensor upper, int levels, int forward_min, int backward_min) -> "
-        "Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mbqbench_native, CPU, m) {
@@ -362,7 +230,4 @@ TORCH_LIBRARY_IMPL(mbqbench_native, CPU, m) {
   m.impl("bounded_backward", &bounded_backward);
   m.impl("bounded_quantized", &bounded_quantized);
   m.impl("bounded_backward_from_input", &bounded_backward_from_input);
-  m.impl("bounded_quantize", &bounded_quantize_cpu);
 }
-
-TORCH_LIBRARY_IMPL(mbqbench_native, Autograd, m) { m.impl("bounded_quantize", &bounded_quantize_autograd); }

@@ -1,7 +1,7 @@
-// What the native quantizer loops share (clamp_round_unit.cpp, pact.cpp, bounded.cpp): ATen's clamp on one float,
-// the per-instruction-set cloning of the hot loops, running a loop over TensorIterator's blocks, and what the C++
-// autograd nodes share: the checks under which a loop gives the eager passes' bits and layout, and calling an
-// operator through the dispatcher.
+// What the native quantizer loops share (clamp_round_unit.cpp, pact.cpp, bounded.cpp, bounded_node.cpp): ATen's
+// clamp on one float, the per-instruction-set cloning of the hot loops, running a loop over TensorIterator's blocks,
+// and what the C++ autograd nodes share: the checks under which a loop gives the eager passes' bits and layout, and
+// calling an operator through the dispatcher.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -357,6 +357,36 @@ def test_bounded_backward_from_the_kept_input_when_its_loop_declines(bits, monke
         assert torch.equal(bits_of(a), bits_of(b))
 
 
+@pytest.mark.parametrize("loops", ["loops", "eager passes"])
+def test_bounded_bound_steps_keep_the_eager_bits_at_the_gap_clamp(loops, monkeypatch):
+    """The node's steps on the bounds themselves (1 / max(u - l, 1e-8) forward; the mask u - l >= 1e-8 and the two
+    gradients backward) run as scalar loops for a pair of contiguous bounds of one shape: the same bits as the
+    autograd function's ATen calls, at gaps on both sides of float32's 1e-8, collapsed, negative and infinite gaps,
+    with the loops over x on or off (no NaN gap: its n is NaN, where the eager mask depends on the position)."""
+    if loops == "loops":
+        bounded_loops_at_every_size(monkeypatch)
+    tiny = torch.tensor(1e-8, dtype=torch.float32)
+    gaps = torch.stack([tiny, torch.nextafter(tiny, torch.tensor(0.0)), torch.nextafter(tiny, torch.tensor(1.0)),
+                        torch.tensor(0.0), torch.tensor(-0.3), torch.tensor(5e-9), torch.tensor(0.7),
+                        torch.tensor(float("inf")), torch.tensor(1e30), torch.tensor(2.5)])
+    lower = torch.linspace(-1.0, 0.2, len(gaps)).view(1, -1, 1, 1)
+    lower[0, :3] = 0.0  # the gaps near 1e-8 exactly, and inputs in their middle: n = 0.5, a gradient to pass
+    upper = lower + gaps.view(1, -1, 1, 1)
+    upper.view(-1)[-3] = float("inf")  # an infinite bound as well as an infinite gap
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, len(gaps), 4, 4, generator=generator)
+    x[:, :3] = gaps[:3].view(1, 3, 1, 1) * 0.5
+    upstream = torch.randn(3, len(gaps), 4, 4, generator=generator)
+    native_results = bounded_results(x, lower, upper, upstream, 3, enabled=True)
+    eager_results = bounded_results(x, lower, upper, upstream, 3, enabled=False)
+    for a, b in zip(native_results, eager_results):
+        assert torch.equal(bits_of(a), bits_of(b))
+    # the edge itself: float32's 1e-8 counts as an open gap (compared as float), the float below it as collapsed,
+    # whose n-term (the upper bound's whole gradient) vanishes
+    grad_upper = native_results[3].view(-1)
+    assert grad_upper[0] != 0 and grad_upper[1] == 0 and grad_upper[2] != 0
+
+
 def test_bounded_node_keeps_its_input_instead_of_a_normalized_copy(monkeypatch):
     """Where the forward loop runs, the only tensor of x's size the node keeps for the backward pass is x itself
     (n is taken from it again); the eager passes keep a fresh n."""
