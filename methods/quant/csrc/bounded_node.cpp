@@ -68,7 +68,7 @@ at::Tensor inverse_gap_of(const at::Tensor& lower, const at::Tensor& upper) {
 // dn/dl = (n - 1) / (u - l) and dn/du = -n / (u - l); the n-terms vanish where the gap is clamped
 std::tuple<at::Tensor, at::Tensor> bound_gradients(const at::Tensor& lower, const at::Tensor& upper,
                                                    const at::Tensor& grad_normalized, const at::Tensor& product) {
-  if (!paired_bounds(lower, upper)) {
+  if (!paired_bounds(lower, upper) || at::GradMode::is_enabled()) {  // a double backward records the ATen calls
     const auto gap = upper - lower;
     const auto weighted = product.sum_to_size(gap.sizes()) * (gap >= kMinBoundGap);
     return {(weighted - grad_normalized.sum_to_size(gap.sizes())).sum_to_size(lower.sizes()),
@@ -159,15 +159,19 @@ class BoundedQuantize : public torch::autograd::Function<BoundedQuantize> {
           grad_normalized = product = at::Tensor();
         }
       }
-      if (!grad_normalized.defined()) {
-        normalized = normalized_of(x, lower, inverse_gap);
+      if (!grad_normalized.defined()) {  // without a history, as the autograd function's saved n has none
+        normalized = normalized_of(x.detach(), lower.detach(), inverse_gap);
       }
     } else {
       normalized = saved[0];
     }
     if (!grad_normalized.defined()) {  // inclusive_unit_mask_backward, in n's layout
-      grad_normalized = at::empty_like(normalized);
-      at::hardtanh_backward_out(grad_normalized, grad * inverse_gap, normalized, kBelow, kAbove);
+      if (at::GradMode::is_enabled()) {  // a double backward records it (an out= call cannot be recorded)
+        grad_normalized = at::hardtanh_backward(grad * inverse_gap, normalized, kBelow, kAbove);
+      } else {
+        grad_normalized = at::empty_like(normalized);
+        at::hardtanh_backward_out(grad_normalized, grad * inverse_gap, normalized, kBelow, kAbove);
+      }
       product = at::Tensor();
     }
     at::Tensor grad_lower, grad_upper;

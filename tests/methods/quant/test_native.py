@@ -387,6 +387,30 @@ def test_bounded_bound_steps_keep_the_eager_bits_at_the_gap_clamp(loops, monkeyp
     assert grad_upper[0] != 0 and grad_upper[1] == 0 and grad_upper[2] != 0
 
 
+def test_bounded_double_backward_equals_the_autograd_function(monkeypatch):
+    """A double backward through the node (which kept x, the forward loop having run) records the eager backward
+    pass with n taken from x without a history, as the autograd function's saved n has none: the same gradients
+    and second derivatives, at the upstream gradient and at x and the bounds (none); an upstream gradient that
+    itself needs a gradient works on both paths."""
+    bounded_loops_at_every_size(monkeypatch)
+    torch.manual_seed(5)
+    values, upstream_values = torch.randn(2, 4, 3, 3) * 2, torch.randn(2, 4, 3, 3)
+    results = []
+    for enabled in (True, False):
+        leaves = [values.clone().requires_grad_(), torch.full((1, 4, 1, 1), -0.7, requires_grad=True),
+                  torch.linspace(0.5, 2.0, 4).view(1, 4, 1, 1).requires_grad_()]
+        upstream = upstream_values.clone().requires_grad_()
+        with native_kernels(enabled), fused_kernels(False):
+            out = bounded_quantize(*leaves, 3)
+            assert (type(out.grad_fn).__name__ == "CppFunction") == enabled
+            grads = torch.autograd.grad(out, leaves, upstream, create_graph=True)
+            total = grads[1].sum() + grads[2].sum() + (grads[0] * torch.arange(72.0).view(2, 4, 3, 3)).sum()
+            second = torch.autograd.grad(total, [upstream, *leaves], allow_unused=True)
+        assert all(grad is None for grad in second[1:])  # no history through n
+        results.append((*grads, second[0]))
+    assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))
+
+
 def test_bounded_node_keeps_its_input_instead_of_a_normalized_copy(monkeypatch):
     """Where the forward loop runs, the only tensor of x's size the node keeps for the backward pass is x itself
     (n is taken from it again); the eager passes keep a fresh n."""
