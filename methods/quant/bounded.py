@@ -54,7 +54,8 @@ def inclusive_unit_mask_backward(grad: torch.Tensor, normalized: torch.Tensor) -
     clamp and a ``torch.where`` (four passes, two of them slow on CPU), this takes 40-60 % off the backward pass of
     a large activation.
     """
-    if torch.is_grad_enabled():  # a double backward records it (an out= call cannot be recorded)
+    if torch.is_grad_enabled() and (grad.requires_grad or normalized.requires_grad):
+        # a double backward records it (an out= call cannot be recorded)
         return torch.ops.aten.hardtanh_backward(grad, normalized, *_unit_bounds(normalized.dtype))
     # written in n's memory layout, as torch.where over a mask of n writes it: a weight's gradient arrives in the
     # convolution's layout, and a result in another layout changes the summation order of what consumes it

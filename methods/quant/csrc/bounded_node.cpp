@@ -166,11 +166,13 @@ class BoundedQuantize : public torch::autograd::Function<BoundedQuantize> {
       normalized = saved[0];
     }
     if (!grad_normalized.defined()) {  // inclusive_unit_mask_backward, in n's layout
-      if (at::GradMode::is_enabled()) {  // a double backward records it (an out= call cannot be recorded)
-        grad_normalized = at::hardtanh_backward(grad * inverse_gap, normalized, kBelow, kAbove);
+      const auto scaled = grad * inverse_gap;
+      if (at::GradMode::is_enabled() && (scaled.requires_grad() || normalized.requires_grad())) {
+        // a double backward records it (an out= call cannot be recorded)
+        grad_normalized = at::hardtanh_backward(scaled, normalized, kBelow, kAbove);
       } else {
         grad_normalized = at::empty_like(normalized);
-        at::hardtanh_backward_out(grad_normalized, grad * inverse_gap, normalized, kBelow, kAbove);
+        at::hardtanh_backward_out(grad_normalized, scaled, normalized, kBelow, kAbove);
       }
       product = at::Tensor();
     }
