@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from methods.quant import native
 from methods.quant.modules import WeightQuantizer
 from methods.quant.version_cache import WeightTerms, derived
 from methods.quant.weight_batch import batch_terms, take_batched
@@ -78,7 +79,9 @@ class _CorrectedTerms(WeightTerms):
     """Eq. 2 on a base quantizer's terms for one forward pass, in list form for :mod:`methods.quant.weight_batch`:
     the forward pass is the base's, then per layer the coefficients (without gradient) and ``scale * (w_q +
     shift)``; the backward pass multiplies the upstream gradient by the scale, as autograd's product node does,
-    and hands it to the base's backward pass. Same operations as :class:`BiasCorrectedQuantizer`'s, same bits."""
+    and hands it to the base's backward pass. Same operations as :class:`BiasCorrectedQuantizer`'s, same bits;
+    with per-layer statistics the forward pass's correction is one native operator over all the layers
+    (``csrc/bias_correction.cpp``, the same bits) where it runs."""
 
     def __init__(self, base: WeightTerms, mean_ref: torch.Tensor, var_ref: torch.Tensor,
                  granularity: Granularity) -> None:
@@ -89,6 +92,15 @@ class _CorrectedTerms(WeightTerms):
     @staticmethod
     def quantized_many(terms: list[_CorrectedTerms], bits: int) -> list[torch.Tensor]:
         quantized = type(terms[0].base).quantized_many([t.base for t in terms], bits)
+        if all(t.granularity == "per_layer" for t in terms):
+            # one native call for every layer's statistics and correction, the same bits (csrc/bias_correction.cpp)
+            native_result = native.list_loop("bias_correct", quantized, [t.mean_ref for t in terms],
+                                             [t.var_ref for t in terms], MIN_VARIANCE)
+            if native_result is not None:
+                corrected, scales = native_result
+                for t, scale in zip(terms, scales):
+                    t.scale = scale
+                return list(corrected)
         shifts = []
         for t, q in zip(terms, quantized):
             t.scale, shift = coefficients_from_statistics(q, t.mean_ref, t.var_ref, t.granularity)

@@ -13,7 +13,7 @@ IEEE operations in their order, so the same bits (the tests compare bit patterns
 Two weight quantizers, DoReFa's and SAT's, get operators over the list of a network's layers
 (``csrc/weight_lists.cpp``, ``csrc/sat_weight_lists.cpp``; :func:`list_loop`): their terms once per step, the
 forward pass and the backward pass per bit-width, one call each where the list operations made one call per
-operation and layer.
+operation and layer; so does EMQ's bias correction on top of DoReFa's weights (``csrc/bias_correction.cpp``).
 
 DoReFa's activation quantizer (Zhou et al., arXiv 1606.06160, Sec. 2.3;
 :func:`methods.quant.dorefa.dorefa_activation`) runs at every quantized convolution of every bit-width of every
@@ -51,7 +51,7 @@ ENVIRONMENT_SWITCH = "MBQ_NATIVE_KERNELS"
 EXTENSION_NAME = "mbqbench_native"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in (
     "clamp_round_unit.cpp", "pact.cpp", "bounded.cpp", "bounded_node.cpp", "weight_lists.cpp",
-    "sat_weight_lists.cpp"))
+    "sat_weight_lists.cpp", "bias_correction.cpp"))
 
 
 class _State:
