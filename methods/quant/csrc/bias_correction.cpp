@@ -5,7 +5,7 @@
 // in one call, where methods/quant/bias_correction.py's list path makes about nine calls per layer (the
 // statistics, the comparison, the clamp, the division, the root, the selection, the difference) and two list
 // operations. The statistics stay ATen's mean and var (their summation order); the scalar steps and the loop are
-// the same float operations, so the same bits. A layer whose shift or scale is not finite (a weight that was not)
+// the same float operations (the root ATen's own, which is not always correctly rounded), so the same bits. A layer whose shift or scale is not finite (a weight that was not)
 // makes the operator answer an empty list, and the list path runs (weight_lists.h's rule).
 #include <torch/library.h>
 
@@ -16,6 +16,10 @@
 #include "weight_lists.h"
 
 namespace {
+
+// ATen's float32 sqrt (its kernel on a tensor of one element, as the list path takes it): torch 2.14's CPU sqrt
+// is not always the correctly rounded root std::sqrt gives (sqrt(0.52122122f) is 1 ulp below it)
+float root(float value, const Tensor& like) { return value_of<float>(at::sqrt(at::full_like(like, value))); }
 
 MBQ_TARGET_CLONES void corrected_loop(const float* quantized, float* out, int64_t count, float shift, float scale) {
   for (int64_t i = 0; i < count; ++i) {
@@ -42,8 +46,9 @@ std::tuple<TensorList, TensorList> bias_correct(const TensorList& quantized, con
     const auto mean_q = at::mean(q, dims, /*keepdim=*/true);
     const auto var_q = at::var(q, dims, /*correction=*/0, /*keepdim=*/true);
     const float variance = value_of<float>(var_q);
-    const float scale =
-        variance > floor ? std::sqrt(value_of<float>(reference_variances[i]) / std::max(variance, floor)) : 1.0f;
+    const float scale = variance > floor ? root(value_of<float>(reference_variances[i]) / std::max(variance, floor),
+                                                var_q)
+                                         : 1.0f;
     const float shift = value_of<float>(reference_means[i]) - value_of<float>(mean_q);
     if (!std::isfinite(scale) || !std::isfinite(shift)) {
       return false;

@@ -68,6 +68,20 @@ def test_the_variance_floor_is_compared_as_float32(offset):
     assert (scales[2].item() == 1.0) == (offset > -1.0)
 
 
+def test_scales_over_a_sweep_of_variance_ratios_are_the_list_path_bits():
+    """Two thousand layers whose variances span ratios 0.05-20: the scale is ATen's sqrt of the float32 ratio,
+    which is not always the correctly rounded root (a scalar std::sqrt differed in 10 of 432 calls of a run)."""
+    torch.manual_seed(3)
+    quantized = [torch.randn(3, 4) * float(spread) for spread in torch.logspace(-3, 0, 2000)]
+    means = [torch.zeros(1, 1) for _ in quantized]
+    variances = [torch.rand(1, 1) * 1e-2 + 1e-6 for _ in quantized]
+    with torch.no_grad():
+        corrected, scales = native.list_loop("bias_correct", quantized, means, variances, MIN_VARIANCE)
+    expected, expected_scales = list_path(quantized, means, variances, MIN_VARIANCE)
+    assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(scales, expected_scales))
+    assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(corrected, expected))
+
+
 def test_declines_what_is_not_finite_or_not_contiguous_and_under_grad():
     quantized, means, variances = layers()
     with torch.no_grad():
