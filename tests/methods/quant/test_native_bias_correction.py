@@ -10,6 +10,7 @@ from methods.quant.bias_correction import MIN_VARIANCE, BiasCorrectedQuantizer, 
 from methods.quant.dorefa import dorefa_weight
 from methods.quant.native import native_kernels
 from methods.quant.weight_batch import batch_terms
+from tests.methods.quant.list_loop_answers import recording_list_loop
 
 pytestmark = pytest.mark.skipif(not native.native_available(), reason=f"no native operators: {native._State.failure}")
 
@@ -99,32 +100,18 @@ def test_declines_what_is_not_finite_or_not_contiguous_and_under_grad():
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_batched_corrected_terms_give_the_same_bits_with_the_operator_on_and_off(bits):
     """_CorrectedTerms.quantized_many and backward_many, as the weight batch calls them, with the native operators on
-    and off: the same corrected weights, scales and latent-weight gradients; per-channel statistics keep the list
-    path."""
+    and off: the same corrected weights, scales and latent-weight gradients."""
     torch.manual_seed(bits)
     weights = [torch.randn(16, 8, 3, 3) * 0.1, torch.randn(32, 16, 3, 3) * 0.05]
     grads = [torch.randn_like(w) * 1e-2 for w in weights]
     results = []
     for enabled in (True, False):
-        calls = []
-        original = native.list_loop
-
-        def counted(name, *args, original=original, calls=calls):
-            result = original(name, *args)
-            calls.append((name, result is not None))
-            return result
-
-        native.list_loop = counted
-        try:
-            with native_kernels(enabled), torch.no_grad():
-                quantizer = BiasCorrectedQuantizer(dorefa_weight)
-                terms = [batch_terms(quantizer, w.clone(), bits)[1] for w in weights]
-                assert all(isinstance(t, _CorrectedTerms) for t in terms)
-                corrected = _CorrectedTerms.quantized_many(terms, bits)
-                scales = [t.scale for t in terms]
-                back = _CorrectedTerms.backward_many(terms, grads, bits)
-        finally:
-            native.list_loop = original
-        assert (("bias_correct", True) in calls) == enabled
+        with recording_list_loop() as answered, native_kernels(enabled), torch.no_grad():
+            terms = [batch_terms(BiasCorrectedQuantizer(dorefa_weight), w.clone(), bits)[1] for w in weights]
+            assert all(isinstance(t, _CorrectedTerms) for t in terms)
+            corrected = _CorrectedTerms.quantized_many(terms, bits)
+            scales = [t.scale for t in terms]
+            back = _CorrectedTerms.backward_many(terms, grads, bits)
+        assert ("bias_correct", enabled) in answered  # the operator answered exactly when switched on
         results.append([*corrected, *scales, *back])
     assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(*results))

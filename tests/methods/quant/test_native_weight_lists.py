@@ -12,6 +12,7 @@ from methods.quant import native
 from methods.quant.dorefa import _DoReFaTerms
 from methods.quant.native import native_kernels
 from methods.quant.sat import _SATTerms
+from tests.methods.quant.list_loop_answers import recording_list_loop
 
 pytestmark = pytest.mark.skipif(not native.native_available(), reason=f"no native operators: {native._State.failure}")
 
@@ -56,22 +57,10 @@ def upstream_gradients(weights: list[torch.Tensor]) -> list[torch.Tensor]:
 def quantize_and_backward(terms_class, weights, grads, bits: int, args: tuple, *, enabled: bool):
     """Terms, forward values and gradients of every layer through the list path, with the native operators on or off,
     recording which list operators answered."""
-    answered = []
-    original = native.list_loop
-
-    def recording(name, *operands):
-        result = original(name, *operands)
-        answered.append((name, result is not None))
-        return result
-
-    native.list_loop = recording
-    try:
-        with native_kernels(enabled), torch.no_grad():
-            terms = [terms_class(w) for w in weights]
-            quantized = terms_class.quantized_many(terms, bits, *args)
-            gradients = terms_class.backward_many(terms, grads, bits, *args)
-    finally:
-        native.list_loop = original
+    with recording_list_loop() as answered, native_kernels(enabled), torch.no_grad():
+        terms = [terms_class(w) for w in weights]
+        quantized = terms_class.quantized_many(terms, bits, *args)
+        gradients = terms_class.backward_many(terms, grads, bits, *args)
     return terms, quantized, gradients, answered
 
 
