@@ -92,7 +92,7 @@ class _CorrectedTerms(WeightTerms):
     @staticmethod
     def quantized_many(terms: list[_CorrectedTerms], bits: int) -> list[torch.Tensor]:
         quantized = type(terms[0].base).quantized_many([t.base for t in terms], bits)
-        if all(t.granularity == "per_layer" for t in terms):
+        if terms[0].granularity == "per_layer":  # one batch, one granularity: it is part of the batch's name
             # one native call for every layer's statistics and correction, the same bits (csrc/bias_correction.cpp)
             native_result = native.list_loop("bias_correct", quantized, [t.mean_ref for t in terms],
                                              [t.var_ref for t in terms], MIN_VARIANCE)
