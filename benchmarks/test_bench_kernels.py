@@ -2,9 +2,9 @@
 (methods/quant/kernels.py) for AdaBits (PACT activations) and MBQuant (bounded activations) at 32x32 inputs, where
 they run (with the native operators off), and the native operators (methods/quant/native.py: DoReFa, PACT and
 bounded quantizers) for every quantized method at 8x8 and 32x32 (off: the compiled kernels where they run, else the
-eager passes), and of those the weight-list operators alone (DoReFa's and SAT's weights,
-methods/quant/csrc/weight_lists.cpp, sat_weight_lists.cpp) for the methods with those weights (off: the list
-operations).
+eager passes), and of those the weight-list operators alone (DoReFa's and SAT's weights and EMQ's bias correction,
+methods/quant/csrc/weight_lists.cpp, sat_weight_lists.cpp, bias_correction.cpp) for the methods with those weights
+(off: the list operations).
 
 Each method at its benchmark setting (ResNet-20, batch 128, bits 2,4,8); the timed step is the kernels' one, and
 ``extra_info`` holds ``eager_over_kernels``: the median over rounds of a step without them over the kernel step
