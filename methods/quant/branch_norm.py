@@ -2,7 +2,7 @@
 the shared stem's copy to every branch, the partial branch's identity path and channel shuffle.
 
 Zhong, Zhou, Chao, Ji, "MBQuant: A Novel Multi-Branch Topology Method for Arbitrary Bit-width Network
-Quantization", Pattern Recognition 2025, arXiv 2305.08117, Sec. 3.1; the layouts of :mod:`methods.quant.branches`.
+Quantization", Pattern Recognition 2025, arXiv 2305.08117, Sec. 3.1; the layouts of :mod:`methods.quant.branch_layout`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from methods.quant.branch_layout import BranchSwitchable, ChannelSliced, active_channels, needs_partial
 from methods.quant.branch_selection import Selection, has_partial
-from methods.quant.branches import BranchSwitchable, ChannelSliced, active_channels, needs_partial
 from methods.quant.modules import PerBitNormExport, batchnorm_storage_bits, batchnorm_tensors
 
 
