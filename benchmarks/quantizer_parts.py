@@ -6,8 +6,8 @@ stop quantizing. The layer families:
 
 * :class:`~methods.quant.modules.QuantConv2d` (Any-Precision, dedicated, EMQ): ``weight_quantizer`` and
   ``input_quantizer`` become the identity;
-* :class:`~methods.quant.sat.SATConv2d` and ``SATLinear`` (AdaBits): the PACT input quantizer goes, and the weight
-  is the latent weight (rescaled as SAT rescales the quantized one), out of the network's weight batch;
+* :class:`~methods.quant.sat_layers.SATConv2d` and ``SATLinear`` (AdaBits): the PACT input quantizer goes, and the
+  weight is the latent weight (rescaled as SAT rescales the quantized one), out of the network's weight batch;
 * :class:`~methods.quant.branches.BranchConv2d` (MBQuant): the input goes through unchanged, and the active branches'
   weights are the latent ones.
 """
@@ -21,7 +21,7 @@ from torch import nn
 
 from methods.quant.branches import BranchConv2d
 from methods.quant.modules import QuantConv2d
-from methods.quant.sat import SATLayer
+from methods.quant.sat_layers import SATLayer
 
 PARTS = ("weight", "input")
 

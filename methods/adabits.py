@@ -106,7 +106,7 @@ from methods.quant import native
 from methods.quant.dorefa import FULL_PRECISION
 from methods.quant.modules import SwitchableBatchNorm2d, set_model_bits
 from methods.quant.pact import SwitchablePACT
-from methods.quant.sat import SATConv2d, SATLinear
+from methods.quant.sat_layers import SATConv2d, SATLinear
 from methods.quant.weight_batch import batch_weights
 
 MAX_NESTED_BITS = 8

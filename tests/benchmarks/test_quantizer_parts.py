@@ -15,7 +15,7 @@ from harness.data import DatasetInfo
 from harness.registry import get_method, list_methods
 from methods.quant.branches import BranchConv2d
 from methods.quant.modules import QuantConv2d
-from methods.quant.sat import SATLayer
+from methods.quant.sat_layers import SATLayer
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quantizer_parts.py"
 _spec = importlib.util.spec_from_file_location("quantizer_parts", SCRIPT)

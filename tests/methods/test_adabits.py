@@ -25,7 +25,8 @@ from harness.registry import get_method
 from methods.adabits import AdaBitsConfig, RawImageInput
 from methods.quant.modules import SwitchableBatchNorm2d
 from methods.quant.pact import SwitchablePACT
-from methods.quant.sat import SATConv2d, SATLinear, sat_normalize, sat_rescale_factor, sat_weight
+from methods.quant.sat import sat_normalize, sat_rescale_factor, sat_weight
+from methods.quant.sat_layers import SATConv2d, SATLinear
 
 # The paper's CIFAR configuration: the departures from the harness topology it makes, and its weight scheme.
 PAPER = {"raw_input": True, "quantize_stem": True, "quantize_head": True, "weight_scheme": "original"}

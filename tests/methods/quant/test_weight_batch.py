@@ -16,7 +16,8 @@ from methods.quant import weight_batch
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.dorefa import DOREFA_TERMS, _DoReFaTerms, _DoReFaWeight, dorefa_weight
 from methods.quant.modules import QuantConv2d
-from methods.quant.sat import SAT_TERMS, SATConv2d, SATStoredWeights, _SATTerms, sat_weight
+from methods.quant.sat import SAT_TERMS, SATStoredWeights, _SATTerms, sat_weight
+from methods.quant.sat_layers import SATConv2d
 from methods.quant.version_cache import version_cache_disabled
 from tests.methods.quant.test_version_cache import assert_same_states, same_bits, train_two_steps, two_step_setup
 
