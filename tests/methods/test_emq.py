@@ -1,4 +1,5 @@
-"""EMQ: config, network layout, training step, bit-wise scoring, coresets, BN adaptation, resume, storage, ViT."""
+"""EMQ: network layout, training step, coresets, BN adaptation, resume, storage, ViT (the config: test_emq_config.py;
+the bit-wise scoring phase: test_emq_scoring.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,8 @@ from harness.errors import ConfigError
 from harness.method import Batch, RunContext
 from harness.registry import get_method
 from harness.store import RunStore
-from harness.train import instantiate, run_cell
+from harness.train import run_cell
 from methods.emq import EMQ, EMQConfig
-from methods.emq_config import scoring_lr_factor
 from methods.quant.bias_correction import BiasCorrectedQuantizer
 from methods.quant.lsq import LSQActivation
 from methods.quant.modules import QuantConv2d
@@ -45,57 +45,9 @@ def batch_of(data, indices) -> Batch:
     return Batch(data.get_batch(indices), data.labels[indices], indices)
 
 
-# -- config ------------------------------------------------------------------------------------------------------
+def small_train(synthetic, size=64):
+    return SubsetImageSet(synthetic.train, torch.arange(size))
 
-def test_defaults_are_the_specs_and_options_parse_from_the_command_line():
-    cfg = EMQConfig()
-    assert (cfg.prune, cfg.tau, cfg.score_epochs, cfg.scoring, cfg.sampling, cfg.resample_every) == (
-        0.8, 0.5, None, "bitwise", "softmax", 1)
-    # 5 % of the schedule (the paper: 10 of 200 epochs), at least 3; a fixed count wins
-    assert [cfg.scoring_epochs(e) for e in (10, 60, 70, 200, 400)] == [3, 3, 4, 10, 20]
-    assert EMQConfig(score_epochs=12).scoring_epochs(200) == 12
-    assert (cfg.bias_correction, cfg.shared_bn, cfg.share_binary_bn, cfg.bn_adapt_batches, cfg.distill) == (
-        "per_layer", True, False, 100, "none")
-    parsed = instantiate("emq:scoring=batchwise:sampling=power:prune=0:bias_correction=per_channel:act_bits=4:"
-                         "shared_bn=off:tdds_window=none").cfg
-    assert (parsed.scoring, parsed.sampling, parsed.prune, parsed.bias_correction, parsed.act_bits,
-            parsed.shared_bn, parsed.tdds_window) == ("batchwise", "power", 0.0, "per_channel", 4, False, None)
-
-
-@pytest.mark.parametrize("options, message", [
-    ("prune=1", "prune must be in"), ("prune=-0.1", "prune must be in"), ("tau=0", "tau must be positive"),
-    ("score_epochs=2", "at least 3"), ("score_epochs=4:tdds_window=4", "tdds_window must be in 2..score_epochs-1"),
-    ("tdds_window=1", "tdds_window must be in 2..score_epochs-1"),
-    ("resample_every=0", "resample_every"), ("bn_adapt_batches=-1", "bn_adapt_batches"), ("act_bits=0", "act_bits"),
-    ("scoring=random", "must be one of"),
-])
-def test_invalid_options_are_one_line_config_errors(options, message):
-    with pytest.raises(ConfigError, match=message):
-        instantiate(f"emq:{options}")
-
-
-def test_scoring_lr_constant_or_the_schedule_compressed_into_the_scoring_epochs():
-    schedule = Schedule(epochs=30, lr_schedule="cosine")
-    assert scoring_lr_factor(schedule, "constant", 7, 3, 10, 10) == 1.0
-    # scoring epoch 5 of 10 = main epoch 15 of 30: cosine factor 0.5 (1 + cos(pi / 2)) = 0.5
-    assert scoring_lr_factor(schedule, "compressed", 5, 0, 10, 10) == pytest.approx(0.5)
-    step = Schedule(epochs=20, lr_schedule="step", milestones=(10,))
-    assert scoring_lr_factor(step, "compressed", 4, 9, 10, 10) == 1.0  # main epoch 9.8
-    assert scoring_lr_factor(step, "compressed", 5, 0, 10, 10) == pytest.approx(0.1)  # main epoch 10
-
-
-def test_regime_notes_flag_long_scoring_and_few_coreset_steps():
-    method = get_method("emq")()
-    paper = Schedule(epochs=200, batch_size=128)
-    # CIFAR-10: 50,000 samples, 10 of 200 epochs scored, 10,000 kept: scoring is exactly 25 % -> in regime
-    assert method.regime_notes(paper, (2, 4, 8), 50_000) == []
-    assert method.regime_notes(Schedule(epochs=60, batch_size=32), (2, 4, 8), 1437) == []  # 25 %, 9 steps
-    short = Schedule(epochs=20, batch_size=128)
-    notes = method.regime_notes(short, (2, 4, 8), 1437)  # digits: 3 scoring epochs, 287 kept
-    assert notes == ["scoring (3 epochs on all 1437 samples per bit-width) is 75% of its coreset training passes "
-                     "(over 25%: the schedule is short for 80% pruning)",
-                     "3 coreset steps per epoch (287 samples, batch 128; under 8)"]
-    assert get_method("emq").from_options({"prune": "0"}).regime_notes(short, (2,), 1437) == []
 
 
 # -- network -----------------------------------------------------------------------------------------------------
@@ -197,61 +149,6 @@ def test_recursive_distillation_teacher_is_the_higher_bit_width_on_the_students_
     with torch.no_grad():
         expected = F.softmax(model(per_bits[2].x), dim=1)
     assert len(teachers) == 1 and torch.allclose(teachers[0], expected, atol=1e-6)
-
-
-# -- scoring phase -----------------------------------------------------------------------------------------------
-
-def small_train(synthetic, size=64):
-    return SubsetImageSet(synthetic.train, torch.arange(size))
-
-
-def test_bitwise_scoring_trains_each_bit_width_in_isolation(synthetic, monkeypatch):
-    train = small_train(synthetic)
-    method, model = build(synthetic, (2, 8), score_epochs=3)
-    ctx = context(synthetic, (2, 8))
-    method.prepare(model, train, ctx)
-    reference = method.scores.clone()
-    assert method.score_bits == (2, 8) and reference.shape == (2, 64) and bool((reference > 0).all())
-    assert ctx.passes == Counter({2: 3 * 64, 8: 3 * 64})  # the scoring phase counts in EMQ's totals
-
-    # Give the 2-bit scoring run other data (another order and augmentation stream): 8-bit scores must not move.
-    original = EMQ.scoring_seed
-    monkeypatch.setattr(EMQ, "scoring_seed", staticmethod(lambda seed, b: original(seed, b) + (1 if b == 2 else 0)))
-    other, other_model = build(synthetic, (2, 8), score_epochs=3)
-    other.prepare(other_model, train, context(synthetic, (2, 8)))
-    assert torch.equal(other.scores[1], reference[1])
-    assert not torch.allclose(other.scores[0], reference[0])
-
-
-def test_prepare_leaves_the_model_untouched_and_batchwise_scores_in_one_joint_run(synthetic, monkeypatch):
-    train = small_train(synthetic, 40)
-    calls = []
-
-    def fake_run(self, initial, train_set, bits, stream_seed, ctx):
-        calls.append(bits)
-        return {b: torch.arange(len(train_set), dtype=torch.float32) * b for b in bits}
-
-    monkeypatch.setattr(EMQ, "scoring_run", fake_run)
-    for scoring, expected_calls in (("bitwise", [(2,), (4,), (8,)]), ("batchwise", [(2, 4, 8)])):
-        calls.clear()
-        method, model = build(synthetic, (2, 4, 8), scoring=scoring)
-        method.prepare(model, train, context(synthetic, (2, 4, 8)))
-        assert calls == expected_calls
-        assert torch.equal(method.scores[2], torch.arange(40, dtype=torch.float32) * 8)
-
-    method, model = build(synthetic, (2, 8), score_epochs=3)
-    monkeypatch.undo()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    method.prepare(model, small_train(synthetic, 32), context(synthetic, (2, 8)))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_prune_zero_is_the_full_data_baseline(synthetic):
-    method, model = build(synthetic, (2, 8), prune=0.0)
-    ctx = context(synthetic, (2, 8))
-    method.prepare(model, small_train(synthetic), ctx)
-    assert method.scores is None and ctx.passes == Counter()
-    assert method.epoch_indices(0, small_train(synthetic), (2, 8)) is None and method.artifacts() == {}
 
 
 # -- coresets ----------------------------------------------------------------------------------------------------
