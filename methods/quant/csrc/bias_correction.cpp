@@ -5,8 +5,9 @@
 // in one call, where methods/quant/bias_correction.py's list path makes about nine calls per layer (the
 // statistics, the comparison, the clamp, the division, the root, the selection, the difference) and two list
 // operations. The statistics stay ATen's mean and var (their summation order); the scalar steps and the loop are
-// the same float operations (the root ATen's own, which is not always correctly rounded), so the same bits. A layer whose shift or scale is not finite (a weight that was not)
-// makes the operator answer an empty list, and the list path runs (weight_lists.h's rule).
+// the same float operations (the root ATen's own, which is not always correctly rounded), so the same bits. A layer
+// whose shift or scale is not finite (a weight that was not) makes the operator answer an empty list, and the list
+// path runs (weight_lists.h's rule).
 #include <torch/library.h>
 
 #include <algorithm>
