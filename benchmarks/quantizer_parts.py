@@ -10,6 +10,10 @@ stop quantizing. The layer families:
   weight is the latent weight (rescaled as SAT rescales the quantized one), out of the network's weight batch;
 * :class:`~methods.quant.branches.BranchConv2d` (MBQuant): the input goes through unchanged, and the active branches'
   weights are the latent ones.
+
+:func:`one_pass_quantizers` instead replaces every quantizer by a stand-in that costs one elementwise pass forward
+and one backward (a product by 1.0, which changes no value): the floor of any quantizer that writes a new tensor,
+whatever its formula, on the machine at hand.
 """
 
 from __future__ import annotations
@@ -83,6 +87,57 @@ def remove_quantizers(model: nn.Module, parts: tuple[str, ...]) -> int:
                     setattr(layer, name, types.MethodType(_branch_weight_unquantized(name), layer))
             if "input" in parts:
                 layer.quantize_input = types.MethodType(_unchanged_input, layer)
+        else:
+            continue
+        changed += 1
+    return changed
+
+
+def _one_pass(t: torch.Tensor, *bits: int) -> torch.Tensor:
+    return t * 1.0
+
+
+def _one_pass_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x * 1.0
+
+
+def _one_pass_sat_weight(layer: SATLayer) -> torch.Tensor:
+    return layer.weight * 1.0
+
+
+def _branch_weight_one_pass(method_name: str):
+    unquantized = _branch_weight_unquantized(method_name)
+
+    def one_pass(layer: BranchConv2d) -> torch.Tensor:
+        return unquantized(layer) * 1.0
+
+    return one_pass
+
+
+def _one_pass_branch_input(layer: BranchConv2d, x: torch.Tensor) -> torch.Tensor:
+    return x * 1.0
+
+
+def one_pass_quantizers(model: nn.Module) -> int:
+    """Replace every quantizer of ``model``'s quantized layers, weight and input, by a product by 1.0, in place, before
+    its first forward pass (a PACT module keeps its bit-width bookkeeping, and only its forward pass changes); returns
+    how many layers changed."""
+    changed = 0
+    for layer in model.modules():
+        if isinstance(layer, QuantConv2d):
+            if layer.weight_quantizer is not None:
+                layer.weight_quantizer = _one_pass
+            if layer.input_quantizer is not None:
+                layer.input_quantizer = _one_pass
+        elif isinstance(layer, SATLayer):
+            layer.quantized_weight = types.MethodType(_one_pass_sat_weight, layer)
+            layer.batch_terms = types.MethodType(_no_batch_terms, layer)
+            if layer.input_quantizer is not None:
+                layer.input_quantizer.forward = types.MethodType(_one_pass_module, layer.input_quantizer)
+        elif isinstance(layer, BranchConv2d) and layer.quantized:
+            for name in ("active_weight", "active_partial_weight"):
+                setattr(layer, name, types.MethodType(_branch_weight_one_pass(name), layer))
+            layer.quantize_input = types.MethodType(_one_pass_branch_input, layer)
         else:
             continue
         changed += 1

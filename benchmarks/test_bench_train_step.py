@@ -8,8 +8,9 @@ test order). ``interleaved_ratio`` in ``extra_info`` is the steadier figure on a
 median over rounds of one method step over k full-precision steps timed just before it.
 
 ``test_method_step_parts`` times each method's step with its weight and/or input quantizers replaced by the identity
-(``quantizer_parts.py``): how much of the step each part costs, and the floor without them (select with
-``-k parts``).
+(``quantizer_parts.py``): how much of the step each part costs, and the floor without them; and with every
+quantizer replaced by a one-pass stand-in (a product by 1.0): the floor of any quantizer that writes a new tensor
+(select with ``-k parts``).
 
 ``test_method_step_compiled`` is the same step with both networks compiled as ``--compile`` compiles them
 (``Runtime.prepare_model``: fresh dynamo caches per network), its ratio taken against a compiled full-precision
@@ -108,7 +109,7 @@ def _benchmark_method_step(benchmark, name: str, size: str, compiled: bool, prep
 
 
 QUANTIZER_PARTS = {"without weight quantizers": ("weight",), "without input quantizers": ("input",),
-                   "without either": ("weight", "input")}
+                   "without either": ("weight", "input"), "one-pass quantizers": ()}
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
@@ -117,12 +118,14 @@ QUANTIZER_PARTS = {"without weight quantizers": ("weight",), "without input quan
 def test_method_step_parts(benchmark, name, parts, size):
     """Where a method's step time goes: the same step with the weight quantizers, the input quantizers or both
     replaced by the identity in every quantized layer (``quantizer_parts.remove_quantizers``; switchable BN,
-    MBQuant's branches, distillation and the harness stay). A diagnostic, not a method: its ratio is the floor the
-    quantizers' removal would reach."""
-    from quantizer_parts import remove_quantizers
+    MBQuant's branches, distillation and the harness stay), or with every quantizer a product by 1.0
+    (``quantizer_parts.one_pass_quantizers``). A diagnostic, not a method: its ratio is the floor the quantizers'
+    removal would reach, or that of quantizers costing one elementwise pass each way."""
+    from quantizer_parts import one_pass_quantizers, remove_quantizers
 
     def prepare(model):
-        if not remove_quantizers(model, QUANTIZER_PARTS[parts]):
+        removed = QUANTIZER_PARTS[parts]
+        if not (remove_quantizers(model, removed) if removed else one_pass_quantizers(model)):
             pytest.skip(f"{name} has no quantizers")
 
     _benchmark_method_step(benchmark, name, size, compiled=False, prepare=prepare)

@@ -4,6 +4,7 @@ only those."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.data import DatasetInfo
+from harness.method import Batch, RunContext
 from harness.registry import get_method, list_methods
 from methods.quant.branches import BranchConv2d
 from methods.quant.modules import QuantConv2d
@@ -95,3 +97,68 @@ def test_unknown_or_empty_parts_are_refused():
         quantizer_parts.remove_quantizers(model, ("bias",))
     with pytest.raises(ValueError, match="parts"):
         quantizer_parts.remove_quantizers(model, ())
+
+
+def one_pass_weight(layer) -> torch.Tensor:
+    if isinstance(layer, QuantConv2d):
+        return layer.weight_quantizer(layer.weight, 2)
+    if isinstance(layer, SATLayer):
+        return layer.quantized_weight()
+    return layer.active_weight()
+
+
+def active_rows(layer, tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of a weight-shaped ``tensor`` the layer runs (a branch convolution: its active branches')."""
+    if not isinstance(layer, BranchConv2d):
+        return tensor
+    start, count = layer.window
+    return tensor[start * layer.out_per_branch:(start + count) * layer.out_per_branch]
+
+
+def one_pass_input(layer, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, QuantConv2d):
+        return layer.input_quantizer(x, 2)
+    if isinstance(layer, SATLayer):
+        return layer.input_quantizer(x)
+    return layer.quantize_input(x)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_one_pass_quantizers_write_a_new_tensor_of_the_same_values_with_the_same_gradient(name):
+    """Every quantizer becomes one product by 1.0: a new tensor (one pass over memory) equal to its input, whose
+    gradient reaches the latent weight or the input unchanged; a training step still runs."""
+    method, model = built(name)
+    layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, SATLayer, BranchConv2d))
+              and not (isinstance(m, BranchConv2d) and not m.quantized)
+              and not (isinstance(m, QuantConv2d) and m.weight_quantizer is None and m.input_quantizer is None)]
+    assert quantizer_parts.one_pass_quantizers(model) == len(layers)
+    if not layers:
+        return
+    inputs_checked = 0
+    for layer in layers:
+        if not isinstance(layer, QuantConv2d) or layer.weight_quantizer is not None:
+            weight = one_pass_weight(layer)
+            latent = active_rows(layer, layer.weight)
+            assert torch.equal(weight, latent) and weight.data_ptr() != latent.data_ptr()
+            layer.weight.grad = None
+            weight.backward(torch.full_like(weight, 0.5))
+            assert torch.equal(active_rows(layer, layer.weight.grad), torch.full_like(weight, 0.5))
+        if getattr(layer, "input_quantizer", None) is not None or isinstance(layer, BranchConv2d):
+            channels = (layer.window[1] * layer.in_per_branch if isinstance(layer, BranchConv2d)
+                        else layer.weight.shape[1])
+            x = torch.randn(2, channels, 4, 4, requires_grad=True)
+            out = one_pass_input(layer, x)
+            assert torch.equal(out, x) and out is not x
+            out.backward(torch.full_like(out, 2.0))
+            assert torch.equal(x.grad, torch.full_like(x, 2.0))
+            inputs_checked += 1
+    assert inputs_checked
+    sat = [layer for layer in layers if isinstance(layer, SATLayer) and layer.input_quantizer is not None]
+    for layer in sat:  # the PACT module keeps its bit-width bookkeeping
+        layer.set_bits(layer.bits_set[0])
+        assert layer.input_quantizer.bits == layer.bits_set[0]
+    model.zero_grad()
+    batch = Batch(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), torch.arange(4))
+    ctx = RunContext(bits=(2, 4), device=torch.device("cpu"), num_classes=10, seed=0, epochs=1)
+    losses = method.train_step(model, batch, ctx)
+    assert losses and all(math.isfinite(value) for value in losses.values())
