@@ -71,6 +71,18 @@ class SATLayer(QuantizedSite, BitSwitchable):
 
     stored_weights: SATStoredWeights | None
 
+    def _set_up(self, bits_set: Iterable[int], weight_bits_rule: str, rescale: bool,
+                input_quantizer: SwitchablePACT | None, weight_scheme: str) -> None:
+        """What both layers' constructors set after their ``nn`` base's (which registers the weights)."""
+        self.bits_set = tuple(sorted(set(int(b) for b in bits_set)))
+        weight_bits_for(weight_bits_rule, self.bits_set[-1], self.bits_set)  # reject an unknown rule now
+        self.weight_bits_rule = weight_bits_rule
+        self.weight_scheme = check_weight_scheme(weight_scheme)
+        self.rescale = rescale
+        self.input_quantizer = input_quantizer
+        self.stored_weights = None  # an export loader's SATStoredWeights replaces the latent weights
+        self.bits = self.bits_set[-1]
+
     @cached_in_eval
     def quantized_weight(self) -> torch.Tensor:
         """The SAT weight at the current weight precision under the layer's scheme, before any rescale (from the
@@ -150,14 +162,7 @@ class SATConv2d(SATLayer, nn.Conv2d):
                  bits_set: Iterable[int], weight_bits_rule: str = "same", rescale: bool = True,
                  input_quantizer: SwitchablePACT | None = None, weight_scheme: str = "original") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        self.bits_set = tuple(sorted(set(int(b) for b in bits_set)))
-        weight_bits_for(weight_bits_rule, self.bits_set[-1], self.bits_set)  # reject an unknown rule now
-        self.weight_bits_rule = weight_bits_rule
-        self.weight_scheme = check_weight_scheme(weight_scheme)
-        self.rescale = rescale
-        self.input_quantizer = input_quantizer
-        self.stored_weights = None  # an export loader's SATStoredWeights replaces the latent weights
-        self.bits = self.bits_set[-1]
+        self._set_up(bits_set, weight_bits_rule, rescale, input_quantizer, weight_scheme)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **kwargs) -> SATConv2d:
@@ -188,14 +193,7 @@ class SATLinear(SATLayer, nn.Linear):
                  weight_bits_rule: str = "max8", rescale: bool = True,
                  input_quantizer: SwitchablePACT | None = None, weight_scheme: str = "original") -> None:
         super().__init__(in_features, out_features, bias)
-        self.bits_set = tuple(sorted(set(int(b) for b in bits_set)))
-        weight_bits_for(weight_bits_rule, self.bits_set[-1], self.bits_set)
-        self.weight_bits_rule = weight_bits_rule
-        self.weight_scheme = check_weight_scheme(weight_scheme)
-        self.rescale = rescale
-        self.input_quantizer = input_quantizer
-        self.stored_weights = None  # an export loader's SATStoredWeights replaces the latent weights
-        self.bits = self.bits_set[-1]
+        self._set_up(bits_set, weight_bits_rule, rescale, input_quantizer, weight_scheme)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> SATLinear:
