@@ -87,7 +87,12 @@ def unit_range(images: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
         out = images.to(torch.float32)
     else:
         out.copy_(images)
-    return out.div_(255.0) if images.dtype == torch.uint8 else out
+    if images.dtype != torch.uint8:
+        return out
+    # CUDA divides by a Python number as a product by its reciprocal, which is 1 ulp off the quotient for some
+    # pixels (3/255 among them); a divisor held on the device takes the true division, the CPU's values
+    divisor = 255.0 if out.device.type == "cpu" else torch.full((), 255.0, dtype=out.dtype, device=out.device)
+    return out.div_(divisor)
 
 
 def as_index(indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -116,7 +121,7 @@ class TensorImageSet(ImageSet):
     def get_batch(
         self, indices: torch.Tensor, augment: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        batch = self.images[as_index(indices).to(self.images.device)]
+        batch = self.images[as_index(indices).to(self.images.device, non_blocking=True)]  # staged: no wait
         batch = unit_range(batch)
         if augment and self.augment == "crop_flip":
             # The crop offsets and flips are drawn on the CPU generator (3 x B numbers) and applied where the

@@ -46,11 +46,12 @@ SHARED_KEY = "shared"
 
 def _clip(x: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """``min(relu(x), a)`` in one pass: ``clamp(x, 0, a)`` takes the same values (NaN included)."""
-    if torch.compiler.is_compiling() or clip.requires_grad or clip.dim():
+    if torch.compiler.is_compiling() or clip.requires_grad or clip.dim() or clip.device.type != "cpu":
         # dynamo reads a tensor bound beside a Python one back to the host, a graph break at every call, and inductor
         # made a clamp with two tensor bounds 1.7x slower than this (a compiled AdaBits step at 32x32: 1,042 against
         # 609 ms); the same values. In eager, torch.clamp takes a tensor bound beside a float only as a number, which
-        # a bound with gradient (a double backward) or with dimensions is not
+        # a bound with gradient (a double backward) or with dimensions is not, and which on a GPU is a copy to the
+        # host that waits for the device at every call
         return torch.minimum(torch.relu(x), clip)
     return torch.clamp(x, 0.0, clip)
 
