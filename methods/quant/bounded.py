@@ -83,10 +83,10 @@ class _BoundedQuantize(torch.autograd.Function):
             normalized, quantized = fused
             ctx.save_for_backward(normalized, lower, upper, inverse_gap)
             return quantized
-        normalized = (x - lower).mul_(inverse_gap)
+        normalized = (x - lower) * inverse_gap
         ctx.save_for_backward(normalized, lower, upper, inverse_gap)
-        # in place after the clamp's fresh output: the same float operations as round(clamp(n) L) / L, one buffer
-        return normalized.clamp(0.0, 1.0).mul_(levels).round_().div_(levels)
+        # out of place, as every quantizer's autograd function here: methods.quant.dorefa._ClampQuantize says why
+        return torch.round(normalized.clamp(0.0, 1.0) * levels) / levels
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from methods.quant import native
 from methods.quant.backward_ops import clamp_unit_backward
-from methods.quant.ste import quantize_unit
+from methods.quant.ste import clamp_ste, quantize_unit
 from methods.quant.version_cache import TermsNode, WeightTerms
 from methods.quant.weight_batch import quantize_batched_or_cached, register_batchable
 
@@ -240,7 +240,9 @@ class _ClampQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, levels: int) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return x.clamp(0.0, 1.0).mul_(levels).round_().div_(levels)
+        # out of place (the same values): torch 2.11 compiles an autograd function whose forward works in place on
+        # its own intermediate into a backward that returns zeros (fixed by 2.14; GPU images may still run 2.11)
+        return torch.round(x.clamp(0.0, 1.0) * levels) / levels
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -270,4 +272,4 @@ def dorefa_activation_reference(x: torch.Tensor, bits: int, full_precision_act: 
     """:func:`dorefa_activation` as the composed formula (the reference the fused function is tested against)."""
     if bits >= FULL_PRECISION:
         return torch.relu(x) if full_precision_act == "relu" else torch.clamp(x, 0.0, 1.0)
-    return quantize_unit(torch.clamp(x, 0.0, 1.0), bits)
+    return quantize_unit(clamp_ste(x, 0.0, 1.0), bits)

@@ -26,7 +26,7 @@ from torch import nn
 
 from harness.errors import ConfigError
 from methods.quant.modules import BitSwitchable
-from methods.quant.ste import round_ste
+from methods.quant.ste import clamp_ste, round_ste
 
 FULL_PRECISION = 32
 
@@ -65,7 +65,8 @@ class _LSQQuantize(torch.autograd.Function):
         ctx.save_for_backward(x, forward_step)
         ctx.levels = (q_neg, q_pos)
         ctx.gradient_scale = gradient_scale
-        return torch.clamp(x / forward_step, -q_neg, q_pos).round_().mul_(forward_step)
+        # out of place, as every quantizer's autograd function here: methods.quant.dorefa._ClampQuantize says why
+        return torch.round(torch.clamp(x / forward_step, -q_neg, q_pos)) * forward_step
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
@@ -91,7 +92,7 @@ def lsq_quantize_reference(x: torch.Tensor, step: torch.Tensor, bits: int) -> to
     """:func:`lsq_quantize` as the composed formula (the reference the fused node is tested against)."""
     q_neg, q_pos = signed_levels(bits)
     step = scale_gradient(step, 1.0 / math.sqrt(features_per_sample(x) * q_pos))
-    return round_ste(torch.clamp(x / step, -q_neg, q_pos)) * step
+    return round_ste(clamp_ste(x / step, -q_neg, q_pos)) * step
 
 
 def lsq_initial_step(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -68,8 +68,8 @@ class _PACTQuantize(torch.autograd.Function):
         fused = pact_forward.run_like(x, clip, float(levels))  # one pass (methods.quant.kernels), same bits
         if fused is not None:
             return fused
-        scaled = _clip(x, clip).div_(clip).mul_(levels)
-        return scaled.round_().div_(levels).mul_(clip)
+        # out of place, as every quantizer's autograd function here: methods.quant.dorefa._ClampQuantize says why
+        return torch.round(_clip(x, clip) / clip * levels) / levels * clip
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):

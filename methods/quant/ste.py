@@ -18,6 +18,15 @@ def floor_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.floor(x) - x).detach()
 
 
+def clamp_ste(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``clamp(x, low, high)`` in the forward pass (NaN and -0.0 as ``torch.clamp`` keeps them), gradient 1 strictly
+    inside ``(low, high)`` and 0 elsewhere, the bounds included: the straight-through mask of the fused quantizers.
+    ``torch.clamp``'s own gradient at the bounds is not the same in every torch (2.11 passes it there, 2.14 does
+    not), so the composed reference formulas say which one they mean."""
+    inside = (x > low) & (x < high)
+    return torch.where(inside, x, torch.clamp(x, low, high).detach())
+
+
 def quantize_unit(u: torch.Tensor, bits: int) -> torch.Tensor:
     """DoReFa's k-bit quantizer of a value in [0, 1]: ``q_k(u) = round((2^k - 1) u) / (2^k - 1)`` with STE."""
     levels = 2**bits - 1
