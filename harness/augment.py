@@ -27,10 +27,13 @@ def crop_flip_at(
     """
     batch, _, height, width = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    # one copy to the device for the three draws, which does not wait for it (a copy from pageable host memory is
-    # staged before the call returns, so the CPU tensors may go at once)
-    top, left, flip = torch.stack((top.long(), left.long(), flip.long())).to(x.device, non_blocking=True)
-    flip = flip.bool()
+    if x.device.type == "cpu":
+        top, left, flip = top.long(), left.long(), flip.bool()
+    else:
+        # one copy to the device for the three draws, which does not wait for it (a copy from pageable host memory
+        # is staged before the call returns, so the CPU tensors may go at once)
+        top, left, flip = torch.stack((top.long(), left.long(), flip.long())).to(x.device, non_blocking=True)
+        flip = flip.bool()
     rows = top[:, None] + torch.arange(height, device=x.device)  # (B, H)
     cols = left[:, None] + torch.arange(width, device=x.device)  # (B, W)
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # reading columns right to left is the horizontal flip
