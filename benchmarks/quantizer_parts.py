@@ -18,6 +18,7 @@ whatever its formula, on the machine at hand.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -30,20 +31,30 @@ from methods.quant.sat_layers import SATLayer
 PARTS = ("weight", "input")
 
 
-def _identity_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    return weight
+def _same(t: torch.Tensor) -> torch.Tensor:
+    """The removed part: its input goes on as it is."""
+    return t
 
 
-def _identity_input(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return x
+def _one_pass(t: torch.Tensor) -> torch.Tensor:
+    """The one-pass stand-in: the same values in a new tensor, forward and backward."""
+    return t * 1.0
 
 
-def _latent_sat_weight(layer: SATLayer) -> torch.Tensor:
-    return layer.weight
+def _quantizer(t: torch.Tensor, bits: int, *, through) -> torch.Tensor:
+    return through(t)
+
+
+def _sat_weight(layer: SATLayer, *, through) -> torch.Tensor:
+    return through(layer.weight)
 
 
 def _no_batch_terms(layer: SATLayer) -> None:
     return None
+
+
+def _module_input(module: nn.Module, x: torch.Tensor, *, through) -> torch.Tensor:
+    return through(x)
 
 
 def _branch_weight_unquantized(method_name: str):
@@ -58,8 +69,42 @@ def _branch_weight_unquantized(method_name: str):
     return unquantized
 
 
-def _unchanged_input(layer: BranchConv2d, x: torch.Tensor) -> torch.Tensor:
-    return x
+def _branch_weight(layer: BranchConv2d, *, method_name: str, through) -> torch.Tensor:
+    return through(_branch_weight_unquantized(method_name)(layer))
+
+
+def _replace(model: nn.Module, parts: tuple[str, ...], through) -> int:
+    """The ``parts`` quantizers of every quantized layer of ``model`` become ``through`` (``_same`` or
+    ``_one_pass``); returns how many layers changed."""
+    changed = 0
+    for layer in model.modules():
+        if isinstance(layer, QuantConv2d):
+            stand_in = functools.partial(_quantizer, through=through)
+            if "weight" in parts and layer.weight_quantizer is not None:
+                layer.weight_quantizer = stand_in
+            if "input" in parts and layer.input_quantizer is not None:
+                layer.input_quantizer = stand_in
+        elif isinstance(layer, SATLayer):
+            if "weight" in parts:
+                layer.quantized_weight = types.MethodType(functools.partial(_sat_weight, through=through), layer)
+                layer.batch_terms = types.MethodType(_no_batch_terms, layer)
+            if "input" in parts and layer.input_quantizer is not None:
+                if through is _same:
+                    layer.input_quantizer = None  # removed: the layer skips it
+                else:  # the PACT module keeps its bit-width bookkeeping, and only its forward pass changes
+                    pact = layer.input_quantizer
+                    pact.forward = types.MethodType(functools.partial(_module_input, through=through), pact)
+        elif isinstance(layer, BranchConv2d) and layer.quantized:
+            if "weight" in parts:
+                for name in ("active_weight", "active_partial_weight"):
+                    weight = functools.partial(_branch_weight, method_name=name, through=through)
+                    setattr(layer, name, types.MethodType(weight, layer))
+            if "input" in parts:
+                layer.quantize_input = types.MethodType(functools.partial(_module_input, through=through), layer)
+        else:
+            continue
+        changed += 1
+    return changed
 
 
 def remove_quantizers(model: nn.Module, parts: tuple[str, ...]) -> int:
@@ -68,77 +113,10 @@ def remove_quantizers(model: nn.Module, parts: tuple[str, ...]) -> int:
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
         raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts}")
-    changed = 0
-    for layer in model.modules():
-        if isinstance(layer, QuantConv2d):
-            if "weight" in parts and layer.weight_quantizer is not None:
-                layer.weight_quantizer = _identity_weight
-            if "input" in parts and layer.input_quantizer is not None:
-                layer.input_quantizer = _identity_input
-        elif isinstance(layer, SATLayer):
-            if "weight" in parts:
-                layer.quantized_weight = types.MethodType(_latent_sat_weight, layer)
-                layer.batch_terms = types.MethodType(_no_batch_terms, layer)
-            if "input" in parts:
-                layer.input_quantizer = None
-        elif isinstance(layer, BranchConv2d) and layer.quantized:
-            if "weight" in parts:
-                for name in ("active_weight", "active_partial_weight"):
-                    setattr(layer, name, types.MethodType(_branch_weight_unquantized(name), layer))
-            if "input" in parts:
-                layer.quantize_input = types.MethodType(_unchanged_input, layer)
-        else:
-            continue
-        changed += 1
-    return changed
-
-
-def _one_pass(t: torch.Tensor, *bits: int) -> torch.Tensor:
-    return t * 1.0
-
-
-def _one_pass_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return x * 1.0
-
-
-def _one_pass_sat_weight(layer: SATLayer) -> torch.Tensor:
-    return layer.weight * 1.0
-
-
-def _branch_weight_one_pass(method_name: str):
-    unquantized = _branch_weight_unquantized(method_name)
-
-    def one_pass(layer: BranchConv2d) -> torch.Tensor:
-        return unquantized(layer) * 1.0
-
-    return one_pass
-
-
-def _one_pass_branch_input(layer: BranchConv2d, x: torch.Tensor) -> torch.Tensor:
-    return x * 1.0
+    return _replace(model, parts, _same)
 
 
 def one_pass_quantizers(model: nn.Module) -> int:
     """Replace every quantizer of ``model``'s quantized layers, weight and input, by a product by 1.0, in place, before
-    its first forward pass (a PACT module keeps its bit-width bookkeeping, and only its forward pass changes); returns
-    how many layers changed."""
-    changed = 0
-    for layer in model.modules():
-        if isinstance(layer, QuantConv2d):
-            if layer.weight_quantizer is not None:
-                layer.weight_quantizer = _one_pass
-            if layer.input_quantizer is not None:
-                layer.input_quantizer = _one_pass
-        elif isinstance(layer, SATLayer):
-            layer.quantized_weight = types.MethodType(_one_pass_sat_weight, layer)
-            layer.batch_terms = types.MethodType(_no_batch_terms, layer)
-            if layer.input_quantizer is not None:
-                layer.input_quantizer.forward = types.MethodType(_one_pass_module, layer.input_quantizer)
-        elif isinstance(layer, BranchConv2d) and layer.quantized:
-            for name in ("active_weight", "active_partial_weight"):
-                setattr(layer, name, types.MethodType(_branch_weight_one_pass(name), layer))
-            layer.quantize_input = types.MethodType(_one_pass_branch_input, layer)
-        else:
-            continue
-        changed += 1
-    return changed
+    its first forward pass; returns how many layers changed."""
+    return _replace(model, PARTS, _one_pass)

@@ -38,6 +38,13 @@ def built(name: str):
     return method, model.train()
 
 
+def quantized_layers(model) -> list:
+    """The layers with a quantizer, weight or input: those the replacements change."""
+    return [m for m in model.modules() if isinstance(m, (QuantConv2d, SATLayer, BranchConv2d))
+            and not (isinstance(m, BranchConv2d) and not m.quantized)
+            and not (isinstance(m, QuantConv2d) and m.weight_quantizer is None and m.input_quantizer is None)]
+
+
 def weight_is_latent(layer) -> bool:
     if isinstance(layer, QuantConv2d):
         return torch.equal(layer.weight_quantizer(layer.weight, 2), layer.weight)
@@ -63,9 +70,7 @@ def input_passes(layer) -> bool:
 @pytest.mark.parametrize("name", list_methods())
 def test_removed_parts_are_the_identity_and_the_others_stay(name, parts):
     _, model = built(name)
-    layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, SATLayer, BranchConv2d))
-              and not (isinstance(m, BranchConv2d) and not m.quantized)
-              and not (isinstance(m, QuantConv2d) and m.weight_quantizer is None and m.input_quantizer is None)]
+    layers = quantized_layers(model)
     quantizes_input = [layer for layer in layers
                        if getattr(layer, "input_quantizer", None) is not None or isinstance(layer, BranchConv2d)]
     assert quantizer_parts.remove_quantizers(model, parts) == len(layers)
@@ -128,9 +133,7 @@ def test_one_pass_quantizers_write_a_new_tensor_of_the_same_values_with_the_same
     """Every quantizer becomes one product by 1.0: a new tensor (one pass over memory) equal to its input, whose
     gradient reaches the latent weight or the input unchanged; a training step still runs."""
     method, model = built(name)
-    layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, SATLayer, BranchConv2d))
-              and not (isinstance(m, BranchConv2d) and not m.quantized)
-              and not (isinstance(m, QuantConv2d) and m.weight_quantizer is None and m.input_quantizer is None)]
+    layers = quantized_layers(model)
     assert quantizer_parts.one_pass_quantizers(model) == len(layers)
     if not layers:
         return
